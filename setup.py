@@ -1,0 +1,25 @@
+"""sparseffn: activation-sparsity acceleration for dense transformers LLMs."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sparseffn",
+    version="0.1.0",
+    description="Activation sparsity (TEAL, CATS, CHESS, WINA, top-k) for Hugging Face models, "
+    "with Triton kernels that skip inactive weights during decoding",
+    packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.48",
+        "peft>=0.13",
+        "datasets>=2.20",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "rdata"]},
+    entry_points={"console_scripts": ["sparseffn=sparseffn.cli:main"]},
+)
