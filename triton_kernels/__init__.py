@@ -1,0 +1,25 @@
+"""Decode-time sparse kernels: Triton ops that skip the weights of inactive neurons.
+
+Each op is a ``torch.library`` custom op in the ``sparseffn`` namespace (``torch.ops.sparseffn.*``)
+with a fake implementation, so ``torch.compile(fullgraph=True, mode="reduce-overhead")`` and CUDA
+graphs capture it. CUDA tensors run Triton; other devices run the plain-PyTorch reference, which
+is exported beside each op. See docs/kernels.md for semantics, layouts and measured speed.
+"""
+from ._common import HAS_TRITON, INTERPRET, LaunchConfig, kernels_available, tuning_log
+from .gated_mlp import sparse_gated_mlp, sparse_gated_mlp_ref
+from .input_sparse import input_sparse_gemv, input_sparse_gemv_ref
+from .output_sparse import output_sparse_gemv, output_sparse_gemv_ref
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "LaunchConfig",
+    "input_sparse_gemv",
+    "input_sparse_gemv_ref",
+    "kernels_available",
+    "output_sparse_gemv",
+    "output_sparse_gemv_ref",
+    "sparse_gated_mlp",
+    "sparse_gated_mlp_ref",
+    "tuning_log",
+]

@@ -1,0 +1,206 @@
+"""Plumbing shared by the sparse decode ops: Triton availability, validation, launch configs, tuning.
+
+The tuner here replaces ``triton.autotune`` on purpose. ``triton.autotune`` times its configs on
+whatever inputs the first call brings, so a first call at 95% sparsity picks a config that is fast
+when almost nothing is loaded and slow when everything is (TEAL's kernel drops to 0.97x at 60% that
+way). Ours times every candidate on synthetic inputs at sparsities 0, 0.5 and 0.9 of the real
+weights and keeps the candidate whose worst ratio to the per-sparsity best is smallest. The cache
+key is (op, batch, shape, dtype, device): a new sparsity value never re-tunes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+try:
+    import triton  # noqa: F401  (only probed here; the kernel modules import it themselves)
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+#: Read once at import, like Triton itself: kernels are built as interpreted functions only when
+#: TRITON_INTERPRET=1 was set before ``triton.jit`` ran.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Sequences handled by one launch. Larger batches loop over chunks of this many sequences; a
+#: weight row is then loaded once per chunk that needs it.
+MAX_BATCH_PER_LAUNCH = 16
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Sparsities every tuning candidate is timed at (union sparsity of the rows loaded).
+TUNE_SPARSITIES = (0.0, 0.5, 0.9)
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernels must feed ``tl.dot`` fp32 operands instead of ``dtype`` ones.
+
+    Only under the interpreter with bf16: Triton 3.9's interpreter multiplies bf16 dot operands
+    as garbage (errors of 1e10 on a 16x16 product), while fp16 and fp32 are exact there.
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def kernels_available(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run on tensors of ``device``.
+
+    CUDA needs Triton; CPU tensors need Triton in interpreter mode (TRITON_INTERPRET=1 set before
+    ``triton_kernels`` was imported), which is how CI exercises the kernels.
+    """
+    device = torch.device(device)
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and not INTERPRET
+    return device.type == "cpu" and INTERPRET
+
+
+def require_kernels(device: torch.device) -> None:
+    """Raise a RuntimeError naming the fix when the Triton kernels cannot run on ``device``."""
+    if not kernels_available(device):
+        raise RuntimeError(
+            f"the Triton kernels cannot run on {device} tensors here (HAS_TRITON={HAS_TRITON}, "
+            f"TRITON_INTERPRET={int(INTERPRET)}): use a CUDA device, or set TRITON_INTERPRET=1 "
+            "before importing triton_kernels to run them on the CPU through the interpreter"
+        )
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+
+
+def check_matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype,
+                 device: torch.device, contiguous_rows: bool) -> None:
+    """Validate a 2-D operand. ``contiguous_rows``: weights must have unit stride along dim 1."""
+    if t.dim() != 2 or tuple(t.shape) != (rows, cols):
+        raise ValueError(f"{name} must have shape [{rows}, {cols}], got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but x has {dtype}; cast one of them")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if contiguous_rows and cols > 1 and t.stride(1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous along its last dimension (strides {t.stride()}): store "
+            "it once with .contiguous() (for a transposed weight, weight.t().contiguous()) "
+            "when the model is patched, not per call"
+        )
+
+
+def expand_threshold(threshold: torch.Tensor, rows: int, cols: int, device: torch.device,
+                     what: str) -> torch.Tensor:
+    """Return ``threshold`` as a float32 [rows, cols] view (stride 0 where it broadcasts)."""
+    if not isinstance(threshold, torch.Tensor) or not threshold.is_floating_point():
+        raise ValueError("threshold must be a floating-point tensor (float32 preferred)")
+    if threshold.device != device:
+        raise ValueError(f"threshold is on {threshold.device} but x is on {device}")
+    try:
+        shape = torch.broadcast_shapes(threshold.shape, (rows, cols))
+    except RuntimeError as err:
+        raise ValueError(f"threshold of shape {list(threshold.shape)} does not broadcast to "
+                         f"[{rows}, {cols}] ({what}): use [], [{cols}] or [{rows}, 1]") from err
+    if tuple(shape) != (rows, cols):
+        raise ValueError(f"threshold of shape {list(threshold.shape)} would broadcast to "
+                         f"{list(shape)}, not [{rows}, {cols}] ({what})")
+    return threshold.to(torch.float32).expand(rows, cols)
+
+
+def expand_mask(mask: torch.Tensor, rows: int, cols: int, device: torch.device,
+                what: str) -> torch.Tensor:
+    """Return a bool mask as a [rows, cols] view (stride 0 where it broadcasts)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError("mask must be a bool tensor")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but x is on {device}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, (rows, cols))
+    except RuntimeError as err:
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to "
+                         f"[{rows}, {cols}] ({what})") from err
+    if tuple(shape) != (rows, cols):
+        raise ValueError(f"mask of shape {list(mask.shape)} would broadcast to {list(shape)}, "
+                         f"not [{rows}, {cols}] ({what})")
+    return mask.expand(rows, cols)
+
+
+def exactly_one(threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
+    if (threshold is None) == (mask is None):
+        raise ValueError("pass exactly one of threshold= and mask=")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape of one launch.
+
+    ``rows``: weight rows per tile (along the dim that is skipped); ``cols``: contiguous elements
+    per row per tile; ``split``: programs sharing the reduction dim (1 = no partial sums).
+    """
+
+    rows: int
+    cols: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+_TUNED: dict[tuple, LaunchConfig] = {}
+_TUNE_LOG: list[dict] = []
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """Tune on CUDA unless SPARSEFFN_TUNE=0 or a CUDA graph is being captured (timing would
+    synchronize inside the capture); the first candidate is the untuned default."""
+    if device.type != "cuda" or INTERPRET or os.environ.get("SPARSEFFN_TUNE", "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def tuned_config(key: tuple, candidates: Sequence[LaunchConfig],
+                 make_bench: Callable[[float], Callable[[LaunchConfig], None]],
+                 device: torch.device) -> LaunchConfig:
+    """Return the cached config for ``key``, tuning it first if allowed (see module docstring).
+
+    ``make_bench(sparsity)`` builds synthetic inputs at that union sparsity and returns a function
+    that runs the op once with a given config.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or not tuning_enabled(device):
+        return candidates[0]
+    from triton.testing import do_bench
+
+    times = {}
+    for s in TUNE_SPARSITIES:
+        run = make_bench(s)
+        for cfg in candidates:
+            times[(cfg, s)] = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
+    best = {s: min(times[(c, s)] for c in candidates) for s in TUNE_SPARSITIES}
+    score = {c: max(times[(c, s)] / best[s] for s in TUNE_SPARSITIES) for c in candidates}
+    chosen = min(candidates, key=lambda c: score[c])
+    _TUNED[key] = chosen
+    _TUNE_LOG.append({"key": key, "chosen": chosen, "score": score[chosen],
+                      "times_us": {f"{c}@{s}": 1e3 * t for (c, s), t in times.items()}})
+    return chosen
+
+
+def tuning_log() -> list[dict]:
+    """Every tuning decision made in this process (key, chosen config, timings); for benchmarks."""
+    return list(_TUNE_LOG)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_pattern(n: int, sparsity: float, device: torch.device) -> torch.Tensor:
+    """Bool [n]: a random set of round((1 - sparsity) * n) active rows (at least one)."""
+    n_on = max(1, round((1.0 - sparsity) * n))
+    on = torch.zeros(n, dtype=torch.bool, device=device)
+    on[torch.randperm(n, device=device)[:n_on]] = True
+    return on

@@ -1,0 +1,195 @@
+"""Triton kernels of the output-sparse GEMV and of the gate/up half of the sparse gated MLP.
+
+Both read a row-major weight [N, K] (nn.Linear layout) in tiles of ``rows`` output rows by
+``cols`` contiguous inputs; a row no sequence needs is never loaded, and a program whose rows are
+all inactive skips its whole loop over K.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LaunchConfig, upcast_dot
+
+ACT_SILU, ACT_GELU_TANH = 0, 1
+
+
+@triton.jit
+def _row_dot(acc, w_ptr, x_ptr, offs_r, row_on, offs_b, b_ok, k0, K, stride_w, stride_xb,
+             stride_xk, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += W[offs_r, k0:k0+BLOCK_K] . x[:, k0:k0+BLOCK_K] for the rows in ``row_on``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    w = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_k[None, :],
+                mask=row_on[:, None] & k_ok[None, :], other=0.0)
+    if BLOCK_B == 1:
+        # [rows, BLOCK_K] elementwise; reduced over K once, after the loop.
+        xv = tl.load(x_ptr + offs_k * stride_xk, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    else:
+        xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
+                     mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc = tl.dot(xv.to(tl.float32), tl.trans(w).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _finish(acc, BLOCK_B: tl.constexpr):
+    """Accumulator -> [BLOCK_B, rows] fp32."""
+    if BLOCK_B == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
+        return acc
+
+
+@triton.jit
+def _output_sparse_kernel(
+    x_ptr, w_ptr, m_ptr, y_ptr, B, N, K,
+    stride_xb, stride_xk, stride_w, stride_mb, stride_mn, stride_yb,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    bn_ok = b_ok[:, None] & (offs_n < N)[None, :]
+    m = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_n[None, :] * stride_mn,
+                mask=bn_ok, other=0) != 0
+    row_on = tl.max(m.to(tl.int32), axis=0) > 0
+    if BLOCK_B == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    if tl.max(row_on.to(tl.int32), axis=0) > 0:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _row_dot(acc, w_ptr, x_ptr, offs_n, row_on, offs_b, b_ok, k0, K, stride_w,
+                           stride_xb, stride_xk, BLOCK_B, BLOCK_K, UPCAST_DOT)
+    y = tl.where(m, _finish(acc, BLOCK_B), 0.0)
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=bn_ok)
+
+
+@triton.jit
+def _activation(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    else:
+        # gelu(tanh approx) = g * (1 + tanh(z)) / 2 = g * sigmoid(2 z), z = sqrt(2/pi)(g + 0.044715 g^3)
+        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, thr_ptr, m_ptr, h_ptr, B, I, H,
+    stride_xb, stride_xh, stride_wg, stride_wu, stride_tb, stride_ti, stride_mb, stride_mi,
+    stride_hb,
+    USE_MASK: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """h[b, i] = act(Wg[i] . x[b]) * (Wu[i] . x[b]) where active, else 0; h in x's dtype.
+
+    Threshold mode: every gate row is read, active = |act(gate)| > thr, and only active up rows
+    are read. Mask mode: gate and up rows of inactive neurons are both skipped, in one loop.
+    """
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < I
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    bi_ok = b_ok[:, None] & i_ok[None, :]
+    if BLOCK_B == 1:
+        acc_g = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    if USE_MASK:
+        on = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_i[None, :] * stride_mi,
+                     mask=bi_ok, other=0) != 0
+        row_on = tl.max(on.to(tl.int32), axis=0) > 0
+        if tl.max(row_on.to(tl.int32), axis=0) > 0:
+            for h0 in range(0, H, BLOCK_H):
+                acc_g = _row_dot(acc_g, wg_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
+                                 stride_wg, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
+                acc_u = _row_dot(acc_u, wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
+                                 stride_wu, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
+        g = _activation(_finish(acc_g, BLOCK_B), ACT)
+    else:
+        for h0 in range(0, H, BLOCK_H):
+            acc_g = _row_dot(acc_g, wg_ptr, x_ptr, offs_i, i_ok, offs_b, b_ok, h0, H,
+                             stride_wg, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
+        g = _activation(_finish(acc_g, BLOCK_B), ACT)
+        thr = tl.load(thr_ptr + offs_b[:, None] * stride_tb + offs_i[None, :] * stride_ti,
+                      mask=bi_ok, other=0.0)
+        on = (tl.abs(g) > thr) & bi_ok
+        row_on = tl.max(on.to(tl.int32), axis=0) > 0
+        if tl.max(row_on.to(tl.int32), axis=0) > 0:
+            for h0 in range(0, H, BLOCK_H):
+                acc_u = _row_dot(acc_u, wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
+                                 stride_wu, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
+    h = tl.where(on, g * _finish(acc_u, BLOCK_B), 0.0)
+    tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_i[None, :],
+             h.to(h_ptr.dtype.element_ty), mask=bi_ok)
+
+
+def _block_b(batch: int) -> int:
+    return 1 if batch == 1 else 16
+
+
+def launch_output_sparse(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                         cfg: LaunchConfig) -> None:
+    """out [B, N] (contiguous) = masked W x for <= MAX_BATCH_PER_LAUNCH sequences.
+
+    x [B, K] any strides, w [N, K] unit stride along K, mask bool [B, N] view.
+    """
+    B, K = x.shape
+    N = w.shape[0]
+    m = mask.view(torch.uint8)
+    _output_sparse_kernel[(triton.cdiv(N, cfg.rows),)](
+        x, w, m, out, B, N, K, x.stride(0), x.stride(1), w.stride(0), m.stride(0), m.stride(1),
+        out.stride(0), BLOCK_B=_block_b(B), BLOCK_N=cfg.rows, BLOCK_K=cfg.cols,
+        UPCAST_DOT=upcast_dot(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   thr: torch.Tensor | None, mask: torch.Tensor | None, act: int,
+                   h: torch.Tensor, cfg: LaunchConfig) -> None:
+    """h [B, I] (contiguous, x's dtype) for <= MAX_BATCH_PER_LAUNCH sequences.
+
+    Exactly one of thr (fp32 [B, I] view) and mask (bool [B, I] view) is given.
+    """
+    B, H = x.shape
+    I = w_gate.shape[0]
+    # Unused pointers (by USE_MASK) are given x so that nothing is allocated per call.
+    t = thr if thr is not None else x
+    m = mask.view(torch.uint8) if mask is not None else x
+    _gate_up_kernel[(triton.cdiv(I, cfg.rows),)](
+        x, w_gate, w_up, t, m, h, B, I, H, x.stride(0), x.stride(1), w_gate.stride(0),
+        w_up.stride(0), t.stride(0), t.stride(1), m.stride(0), m.stride(1), h.stride(0),
+        USE_MASK=mask is not None, ACT=act, BLOCK_B=_block_b(B), BLOCK_I=cfg.rows,
+        BLOCK_H=cfg.cols, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def candidates(batch: int, rows: int, K: int) -> list[LaunchConfig]:
+    """Tuning candidates for both kernels here; the first is the untuned default."""
+    if batch == 1:
+        tiles = [(8, 512, 4), (16, 256, 4), (4, 1024, 4), (16, 512, 8), (32, 256, 8)]
+    else:
+        tiles = [(16, 256, 4), (16, 512, 8), (32, 256, 8), (16, 128, 4)]
+    stages = 1 if batch == 1 else 2
+    out: list[LaunchConfig] = []
+    for r, c, w in tiles:
+        cfg = LaunchConfig(min(r, max(16, triton.next_power_of_2(rows))),
+                           min(c, max(16, triton.next_power_of_2(K))), 1, w, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return out

@@ -1,0 +1,149 @@
+"""Sparse gated (SwiGLU / GeGLU) MLP for decoding: gate, activation, mask, up, multiply and down.
+
+Semantics (``torch.ops.sparseffn.sparse_gated_mlp``), all products accumulated in fp32::
+
+    g      = act(x @ w_gate.T)                       [B, I]  (fp32)
+    active = |g| > threshold    or    active = mask  [B, I]
+    h      = (g * (x @ w_up.T)) where active else 0, rounded to x's dtype (as the dense MLP does)
+    y      = h @ w_down_t                            [B, H]  in x's dtype
+
+x [B, H] (any strides); w_gate, w_up [I, H] (nn.Linear layout, unit stride along H); w_down_t
+[I, H] = down_proj.weight [H, I] transposed once at patch time, so that an inactive neuron's down
+weights are a contiguous row. ``threshold`` (float32, broadcastable to [B, I]) serves the
+cats/chess/topk criteria: the gate is computed densely and the up and down rows of inactive
+neurons are never loaded. ``mask`` (bool, broadcastable to [B, I]) serves predictors: the gate
+rows of inactive neurons are skipped too. ``activation``: "silu" or "gelu_tanh" (Gemma).
+
+Two passes over memory, each weight read once: a gate/up kernel (one program per block of
+neurons: gate, activation, threshold, then up only where active) writes the small h [B, I]; the
+input-sparse GEMV then reads only the down rows where h != 0 (a row with h == 0 adds nothing, so
+skipping it is exact). Fusing the down product into the first pass would need a [B, H] fp32
+reduction across all programs of the grid, which costs more than the 2*B*I bytes of h it saves.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _common as C
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _validate(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+              threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+              activation: str) -> tuple[int, int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a 2-D tensor [B, H]")
+    C.check_float_dtype("x", x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    B, H = x.shape
+    if w_gate.dim() != 2 or w_gate.shape[1] != H:
+        raise ValueError(f"w_gate must be [I, H] with H={H} matching x; got {list(w_gate.shape)}")
+    I = w_gate.shape[0]
+    C.check_matrix("w_gate", w_gate, I, H, x.dtype, x.device, contiguous_rows=True)
+    C.check_matrix("w_up", w_up, I, H, x.dtype, x.device, contiguous_rows=True)
+    C.check_matrix("w_down_t (down_proj.weight.t().contiguous())", w_down_t, I, H, x.dtype,
+                   x.device, contiguous_rows=True)
+    C.exactly_one(threshold, mask)
+    if threshold is not None:
+        C.expand_threshold(threshold, B, I, x.device, "[B, I] of the gate")
+    else:
+        C.expand_mask(mask, B, I, x.device, "[B, I] of the gate")
+    return B, H, I
+
+
+def _act_ref(g: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+
+
+def sparse_gated_mlp_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                         w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None,
+                         activation: str = "silu") -> torch.Tensor:
+    """Plain-PyTorch reference (and the CPU implementation). x [B, H] -> y [B, H]."""
+    _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+    xf = x.float()
+    g = _act_ref(xf @ w_gate.float().t(), activation)
+    active = g.abs() > threshold.float() if threshold is not None else mask.expand_as(g)
+    h = torch.where(active, g * (xf @ w_up.float().t()), 0.0).to(x.dtype)
+    return (h.float() @ w_down_t.float()).to(x.dtype)
+
+
+def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None, activation: str = "silu",
+                 config: Optional[C.LaunchConfig] = None,
+                 down_config: Optional[C.LaunchConfig] = None) -> torch.Tensor:
+    """Run the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+
+    ``config`` / ``down_config`` force the gate/up and down launch configs (tests).
+    """
+    B, H, I = _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+    C.require_kernels(x.device)
+    from ._input_sparse_kernel import MODE_NONZERO, launch_input_sparse
+    from ._output_sparse_kernel import ACT_GELU_TANH, ACT_SILU, launch_gate_up
+    from .input_sparse import pick_config as pick_down_config
+
+    act = ACT_SILU if activation == "silu" else ACT_GELU_TANH
+    thr = None if threshold is None else C.expand_threshold(threshold, B, I, x.device, "")
+    m = None if mask is None else C.expand_mask(mask, B, I, x.device, "")
+    h = torch.empty((B, I), device=x.device, dtype=x.dtype)
+    y = torch.empty((B, H), device=x.device, dtype=x.dtype)
+    step = C.MAX_BATCH_PER_LAUNCH
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(B, b0 + step))
+        nb = sl.stop - sl.start
+        cfg = config or pick_config(w_gate, w_up, nb, use_mask=mask is not None)
+        launch_gate_up(x[sl], w_gate, w_up, None if thr is None else thr[sl],
+                       None if m is None else m[sl], act, h[sl], cfg)
+        launch_input_sparse(h[sl], w_down_t, MODE_NONZERO, None, None, y[sl],
+                            down_config or pick_down_config(w_down_t, nb))
+    return y
+
+
+def pick_config(w_gate: torch.Tensor, w_up: torch.Tensor, batch: int,
+                use_mask: bool) -> C.LaunchConfig:
+    """Gate/up launch config, tuned once per (mode, batch, I, H, dtype, device)."""
+    from ._output_sparse_kernel import ACT_SILU, candidates, launch_gate_up
+
+    I, H = w_gate.shape
+    dev = w_gate.device
+    key = ("gate_up", use_mask, batch, I, H, w_gate.dtype, str(dev))
+
+    def make_bench(sparsity: float):
+        x = torch.randn(batch, H, device=dev, dtype=w_gate.dtype)
+        on = C.row_pattern(I, sparsity, dev)
+        # Per-channel thresholds of -1 / +inf switch exactly the patterned rows on.
+        thr = None if use_mask else torch.where(on, -1.0, float("inf")).expand(batch, I)
+        m = on.expand(batch, I) if use_mask else None
+        h = torch.empty(batch, I, device=dev, dtype=w_gate.dtype)
+        return lambda cfg: launch_gate_up(x, w_gate, w_up, thr, m, ACT_SILU, h, cfg)
+
+    return C.tuned_config(key, candidates(batch, I, H), make_bench, dev)
+
+
+@torch.library.custom_op("sparseffn::sparse_gated_mlp", mutates_args=())
+def sparse_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                     w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
+                     mask: Optional[torch.Tensor] = None,
+                     activation: str = "silu") -> torch.Tensor:
+    """y [B, H] = down(h), h = act(gate) * up on active neurons only (see module docstring).
+
+    Give exactly one of ``threshold`` and ``mask``. CUDA tensors run the Triton kernels, others
+    the reference.
+    """
+    if x.is_cuda and C.kernels_available(x.device):
+        return _triton_impl(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+    return sparse_gated_mlp_ref(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+
+
+@sparse_gated_mlp.register_fake
+def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+      threshold: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+      activation: str = "silu") -> torch.Tensor:
+    B, H, _ = _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+    return x.new_empty((B, H))

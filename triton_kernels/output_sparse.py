@@ -1,0 +1,95 @@
+"""Output-sparse GEMV: compute only the outputs a mask asks for, skipping the other weight rows.
+
+Used for the up (and, under predictors, gate) projection when the active neurons are known before
+the projection (CATS/CHESS masks from the gate, predictor masks).
+
+Semantics (``torch.ops.sparseffn.output_sparse_gemv``)::
+
+    y[b, n] = w[n] . x[b]   if mask[b, n]   else exactly 0
+
+x [B, K] (any strides), w [N, K] as ``nn.Linear.weight`` stores it (unit stride along K), mask
+bool broadcastable to [B, N]; y [B, N] contiguous in x's dtype, fp32 accumulation. Rows that no
+sequence of the launch needs are never loaded.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _common as C
+
+
+def _validate(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a 2-D tensor [B, K]")
+    C.check_float_dtype("x", x)
+    B, K = x.shape
+    if w.dim() != 2 or w.shape[1] != K:
+        raise ValueError(f"w must be [N, K] (nn.Linear layout) with K={K} matching x; "
+                         f"got {list(w.shape)}")
+    N = w.shape[0]
+    C.check_matrix("w", w, N, K, x.dtype, x.device, contiguous_rows=True)
+    C.expand_mask(mask, B, N, x.device, "[B, N] of the output")
+    return B, K, N
+
+
+def output_sparse_gemv_ref(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference (and the CPU implementation). x [B, K], w [N, K] -> y [B, N]."""
+    _validate(x, w, mask)
+    y = x.float() @ w.float().t()
+    return torch.where(mask, y, 0.0).to(x.dtype)
+
+
+def _triton_impl(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
+                 config: Optional[C.LaunchConfig] = None) -> torch.Tensor:
+    """Run the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+
+    ``config`` forces a launch config (tests); by default it is tuned once per shape.
+    """
+    B, K, N = _validate(x, w, mask)
+    C.require_kernels(x.device)
+    from ._output_sparse_kernel import launch_output_sparse
+
+    m = C.expand_mask(mask, B, N, x.device, "")
+    y = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    step = C.MAX_BATCH_PER_LAUNCH
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(B, b0 + step))
+        cfg = config or pick_config(w, sl.stop - sl.start)
+        launch_output_sparse(x[sl], w, m[sl], y[sl], cfg)
+    return y
+
+
+def pick_config(w: torch.Tensor, batch: int) -> C.LaunchConfig:
+    """Launch config for this weight and batch, tuned once per (batch, N, K, dtype, device)."""
+    from ._output_sparse_kernel import candidates, launch_output_sparse
+
+    N, K = w.shape
+    dev = w.device
+    key = ("output_sparse", batch, N, K, w.dtype, str(dev))
+
+    def make_bench(sparsity: float):
+        x = torch.randn(batch, K, device=dev, dtype=w.dtype)
+        m = C.row_pattern(N, sparsity, dev).expand(batch, N)
+        out = torch.empty(batch, N, device=dev, dtype=w.dtype)
+        return lambda cfg: launch_output_sparse(x, w, m, out, cfg)
+
+    return C.tuned_config(key, candidates(batch, N, K), make_bench, dev)
+
+
+@torch.library.custom_op("sparseffn::output_sparse_gemv", mutates_args=())
+def output_sparse_gemv(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """y [B, N] = (x @ w.T) where mask, exactly 0 elsewhere (see module docstring).
+
+    CUDA tensors run the Triton kernel, others the reference.
+    """
+    if x.is_cuda and C.kernels_available(x.device):
+        return _triton_impl(x, w, mask)
+    return output_sparse_gemv_ref(x, w, mask)
+
+
+@output_sparse_gemv.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    B, _, N = _validate(x, w, mask)
+    return x.new_empty((B, N))
