@@ -1,0 +1,108 @@
+"""The public one-call API: sparsify, unsparsify, set_sparsity, save/load calibration."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from calibrate.artifact import JSON_NAME, Calibration, check_fingerprint
+from calibrate.fit import calibrate_model, refit
+from sparseffn.config import SparsityConfig, check_sparsity
+from sparseffn.data import load_texts
+from sparseffn.errors import CalibrationError, PatchStateError
+from sparseffn.families import family_of
+from sparseffn.patching import install, is_sparsified, patch_state, remove, update_thresholds
+
+
+def _is_artifact(calibration: Any) -> bool:
+    return isinstance(calibration, (str, Path)) and (Path(calibration) / JSON_NAME).exists()
+
+
+def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None = None,
+             calibration: Any = None, *, tokenizer: Any = None, scope: str = "mlp",
+             allocation: str = "uniform", config: SparsityConfig | None = None,
+             n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
+             strict: bool = True, progress: bool = True) -> nn.Module:
+    """Make ``model`` activation-sparse in place and return it.
+
+    Args:
+        model: a transformers causal LM of a registered family (``sparseffn.SUPPORTED_MODEL_TYPES``).
+        method: "teal", "wina", "cats", "chess" or "topk" (default "chess"; ignored when
+            loading a saved calibration, which carries its method).
+        sparsity: target fraction in [0, 1) (default 0.5). With a saved calibration, a value
+            here refits its thresholds from the stored statistics.
+        calibration: text to fit on now (a built-in source name such as "austen", a list of
+            strings, a .txt/.jsonl path or a ``datasets`` dataset), or the folder of a saved
+            calibration. Not needed for "topk".
+        tokenizer: the model's tokenizer, needed when fitting on text.
+        scope: "mlp" or "all" (attention projections too; teal/wina only).
+        allocation: "uniform" or "greedy" (teal/wina).
+        config: a full SparsityConfig instead of method/sparsity/scope/allocation.
+        n_tokens, seq_len, batch_size: how much calibration text to observe, and in what windows.
+        strict: check that a saved calibration's weights match this model, not only its shape.
+
+    Raises:
+        SparseFFNError (or a subclass) before anything changes, on bad input.
+    """
+    if is_sparsified(model):
+        raise PatchStateError(
+            "the model is already sparsified; call sparseffn.unsparsify(model) first, or "
+            "sparseffn.set_sparsity(model, s) to change its level"
+        )
+    spec = family_of(model)
+    if _is_artifact(calibration):
+        fitted = Calibration.load(calibration)
+        check_fingerprint(fitted.fingerprint, model, weights=strict)
+        if sparsity is not None and sparsity != fitted.config.sparsity:
+            fitted = refit(fitted, check_sparsity(sparsity), spec)
+    else:
+        if config is None:
+            config = SparsityConfig(method=method or "chess",
+                                    sparsity=0.5 if sparsity is None else sparsity,
+                                    scope=scope, allocation=allocation)
+        texts: list[str] = []
+        if config.method != "topk":
+            if calibration is None:
+                raise CalibrationError(
+                    f"method {config.method!r} needs calibration text: pass calibration= a "
+                    "list of strings, a file, a datasets dataset or a built-in source such as "
+                    "'austen' (or the folder of a saved calibration)"
+                )
+            if tokenizer is None:
+                raise CalibrationError("fitting on text needs the model's tokenizer: pass "
+                                       "tokenizer=AutoTokenizer.from_pretrained(...)")
+            texts = load_texts(calibration, "calibration")
+        name = calibration if isinstance(calibration, str) else type(calibration).__name__
+        fitted = calibrate_model(model, tokenizer, texts, config, n_tokens, seq_len, batch_size,
+                                 progress, data_name=str(name))
+    install(model, fitted)
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Restore the original modules (exact original behaviour); returns ``model``."""
+    remove(model)
+    return model
+
+
+def set_sparsity(model: nn.Module, sparsity: float) -> nn.Module:
+    """Change a sparsified model's level in place, refitting from stored statistics."""
+    state = patch_state(model)
+    update_thresholds(model, refit(state.calibration, check_sparsity(sparsity), state.spec))
+    return model
+
+
+def get_calibration(model: nn.Module) -> Calibration:
+    """The Calibration a sparsified model runs with."""
+    return patch_state(model).calibration
+
+
+def save_calibration(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a sparsified model's calibration to the folder ``path``."""
+    return get_calibration(model).save(path, overwrite=overwrite)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a saved calibration folder."""
+    return Calibration.load(path)

@@ -1,0 +1,107 @@
+"""SparsityConfig: what to sparsify and how, validated and JSON round-trippable."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sparseffn.errors import SparseFFNError
+
+CONFIG_VERSION = 1
+METHODS = ("teal", "wina", "cats", "chess", "topk")
+# Methods that gate each linear's input (and so can cover attention projections too).
+INPUT_METHODS = ("teal", "wina")
+SCOPES = ("mlp", "all")
+ALLOCATIONS = ("uniform", "greedy")
+
+
+@dataclass
+class SparsityConfig:
+    """How a model is sparsified.
+
+    Attributes:
+        method: criterion, one of ``METHODS``.
+        sparsity: target fraction in [0, 1) of the weight bytes of the sparsified projections
+            that a decode step skips (for cats/chess/topk: the fraction of FFN neurons off,
+            which skips that fraction of up rows and down columns).
+        scope: ``"mlp"`` (FFN projections) or ``"all"`` (also q, k, v, o); only teal/wina
+            can gate attention projections.
+        allocation: ``"uniform"`` (every site at ``sparsity``) or ``"greedy"`` (TEAL-style:
+            per decoder layer, raise the site whose increase costs least layer-output error).
+        layer_sparsity: per-layer overrides ``{layer_index: sparsity}``.
+        greedy_step: sparsity increment per greedy step.
+    """
+
+    method: str = "chess"
+    sparsity: float = 0.5
+    scope: str = "mlp"
+    allocation: str = "uniform"
+    layer_sparsity: dict[int, float] = field(default_factory=dict)
+    greedy_step: float = 0.05
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.layer_sparsity = {int(k): float(v) for k, v in self.layer_sparsity.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SparseFFNError naming the first invalid field."""
+        if self.method not in METHODS:
+            raise SparseFFNError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        check_sparsity(self.sparsity)
+        for layer, value in self.layer_sparsity.items():
+            check_sparsity(value, f"layer_sparsity[{layer}]")
+        if self.scope not in SCOPES:
+            raise SparseFFNError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "all" and self.method not in INPUT_METHODS:
+            raise SparseFFNError(
+                f"method {self.method!r} gates FFN neurons only; scope='all' (attention "
+                f"projections too) needs one of {INPUT_METHODS}. Use scope='mlp'."
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise SparseFFNError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "greedy" and self.method not in INPUT_METHODS:
+            raise SparseFFNError(
+                f"greedy allocation shares sparsity among a layer's projections, so it needs one "
+                f"of {INPUT_METHODS}; {self.method!r} has one site per layer. Use 'uniform'."
+            )
+        if not 0.0 < self.greedy_step <= 0.25:
+            raise SparseFFNError(f"greedy_step must be in (0, 0.25], got {self.greedy_step}")
+        if self.version != CONFIG_VERSION:
+            raise SparseFFNError(
+                f"config version {self.version} is not readable by this sparseffn "
+                f"(expects {CONFIG_VERSION}); recalibrate with this version."
+            )
+
+    def target_for_layer(self, layer: int) -> float:
+        return self.layer_sparsity.get(layer, self.sparsity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layer_sparsity"] = {str(k): v for k, v in self.layer_sparsity.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SparseFFNError(f"unknown SparsityConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SparsityConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def check_sparsity(value: float, name: str = "sparsity") -> float:
+    """Validate a sparsity level: a finite float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SparseFFNError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise SparseFFNError(
+            f"{name} must be in [0, 1) (the fraction of weights skipped), got {value}"
+        )
+    return float(value)

@@ -1,0 +1,220 @@
+"""Text for calibration and evaluation: built-in offline sources and user data.
+
+Built-in sources come from package registries (no model hub, no web), each split so that
+evaluation text is never calibration text:
+
+- ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (R data, parsed with
+  ``rdata``). Calibration: Emma, Mansfield Park, Northanger Abbey, Pride and Prejudice, Sense and
+  Sensibility. Evaluation: Persuasion.
+- ``pydoc``: the standard library's ``pydoc_data.topics`` (technical English, always present).
+  Topics are assigned to a split by a stable hash of their name (about 1 in 5 is evaluation).
+- ``news``: 300 Australian news articles (``lee_background.cor``) read from the ``gensim`` wheel
+  without installing it. Article i is evaluation when i % 5 == 4.
+
+User data: a list of strings, a ``.txt``/``.jsonl`` file or a folder of them, or a ``datasets``
+dataset (its ``text`` column).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from sparseffn.errors import CalibrationError
+
+SPLITS = ("calibration", "eval")
+BUILTIN_SOURCES = ("austen", "pydoc", "news")
+AUSTEN_EVAL_BOOKS = ("persuasion",)
+
+
+def cache_dir() -> Path:
+    """Where fetched data and converted models live (``$SPARSEFFN_CACHE`` or ~/.cache)."""
+    root = os.environ.get("SPARSEFFN_CACHE") or Path.home() / ".cache" / "sparseffn"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CalibrationError(
+            f"could not fetch {what} with `{' '.join(cmd)}` (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-400:]}. This source needs its package registry; use "
+            "source 'pydoc' (always offline) or pass your own texts."
+        )
+
+
+def _austen_books() -> dict[str, str]:
+    """{book name: full text} of Austen's six novels, fetched once into the cache."""
+    target = cache_dir() / "austen.json"
+    if target.exists():
+        return json.loads(target.read_text())
+    try:
+        import rdata
+    except ImportError as exc:  # a dependency of the dev extra, named in the fix
+        raise CalibrationError("the 'austen' source needs `pip install rdata`") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        _run(["apt-get", "download", "r-cran-janeaustenr"], tmp_path, "Debian r-cran-janeaustenr")
+        deb = next(tmp_path.glob("r-cran-janeaustenr_*.deb"))
+        _run(["dpkg-deb", "-x", str(deb), "x"], tmp_path, "the .deb contents")
+        base = next((tmp_path / "x").rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")
+        books = _parse_rdb(rdata, base)
+    _write_json_atomic(target, books)
+    return books
+
+
+def _parse_rdb(rdata, base: Path) -> dict[str, str]:
+    """{object name: text} of an R lazy-load database (``.rdx`` index + ``.rdb`` blobs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # rdata: "Unknown file type: assumed RDS"
+        index = rdata.conversion.convert(
+            rdata.parser.parse_data(gzip.decompress(base.with_suffix(".rdx").read_bytes())))
+        blob = base.with_suffix(".rdb").read_bytes()
+        books = {}
+        for name, (offset, length) in index["variables"].items():
+            # Each object: 4-byte big-endian length, then a zlib stream of an R serialization.
+            raw = zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)])
+            lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
+            books[str(name)] = "\n".join(str(line) for line in lines)
+    return books
+
+
+def _news_articles() -> list[str]:
+    target = cache_dir() / "news.json"
+    if target.exists():
+        return json.loads(target.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+              "-q", "gensim", "-d", tmp], Path(tmp), "the gensim wheel from PyPI")
+        wheel = next(Path(tmp).glob("gensim-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            text = zf.read("gensim/test/test_data/lee_background.cor").decode("utf-8", "replace")
+    articles = [line.strip() for line in text.splitlines() if line.strip()]
+    _write_json_atomic(target, articles)
+    return articles
+
+
+def _pydoc_topics() -> dict[str, str]:
+    from pydoc_data.topics import topics
+    return dict(sorted(topics.items()))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def builtin_texts(source: str, split: str) -> list[str]:
+    """Documents of a built-in source for ``split`` in {"calibration", "eval"}."""
+    if split not in SPLITS:
+        raise CalibrationError(f"split must be one of {SPLITS}, got {split!r}")
+    want_eval = split == "eval"
+    if source == "austen":
+        books = _austen_books()
+        return [text for name, text in books.items() if (name in AUSTEN_EVAL_BOOKS) == want_eval]
+    if source == "pydoc":
+        topics = _pydoc_topics()
+        return [text for name, text in topics.items()
+                if (int(hashlib.sha1(name.encode()).hexdigest(), 16) % 5 == 4) == want_eval]
+    if source == "news":
+        return [a for i, a in enumerate(_news_articles()) if (i % 5 == 4) == want_eval]
+    raise CalibrationError(
+        f"unknown text source {source!r}: built-in sources are {BUILTIN_SOURCES}; "
+        "or pass a list of strings, a .txt/.jsonl file or folder, or a datasets dataset"
+    )
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)[text_field])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CalibrationError(
+                    f"{path}:{n} is not a JSON object with a {text_field!r} field ({exc})"
+                ) from exc
+        return docs
+    return [path.read_text()]
+
+
+def load_texts(data: Any, split: str = "calibration", text_field: str = "text") -> list[str]:
+    """Normalise any supported text input to a list of non-empty documents.
+
+    Args:
+        data: a built-in source name, a path (``.txt``, ``.jsonl`` or a folder of them), a
+            list/tuple of strings, or a ``datasets.Dataset``.
+        split: which split of a built-in source.
+        text_field: the field holding the text in jsonl files and datasets.
+    """
+    if isinstance(data, str) and data in BUILTIN_SOURCES:
+        docs = builtin_texts(data, split)
+    elif isinstance(data, (str, os.PathLike)) and Path(data).exists():
+        path = Path(data)
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) \
+            if path.is_dir() else [path]
+        docs = [d for f in files for d in _read_file(f, text_field)]
+    elif isinstance(data, str):
+        raise CalibrationError(
+            f"{data!r} is neither a built-in source {BUILTIN_SOURCES} nor an existing path"
+        )
+    elif hasattr(data, "column_names"):  # a datasets.Dataset
+        if text_field not in data.column_names:
+            raise CalibrationError(
+                f"dataset has columns {data.column_names}; pass text_field= naming the text one"
+            )
+        docs = list(data[text_field])
+    elif isinstance(data, Iterable):
+        docs = list(data)
+        bad = [type(d).__name__ for d in docs if not isinstance(d, str)]
+        if bad:
+            raise CalibrationError(f"text data must be strings, found {bad[0]}")
+    else:
+        raise CalibrationError(f"cannot read text from a {type(data).__name__}")
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise CalibrationError("the text data is empty: pass at least one non-empty document")
+    return docs
+
+
+def token_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int,
+                  purpose: str = "calibration") -> torch.Tensor:
+    """Concatenate ``texts`` (separated by EOS) and cut the first ``n_tokens`` into windows.
+
+    Returns:
+        LongTensor [n_windows, seq_len]; a shorter final remainder is dropped.
+
+    Raises:
+        CalibrationError: if the text holds fewer than ``seq_len`` tokens.
+    """
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for doc in texts:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
+        if len(ids) >= n_tokens:
+            break
+    ids = ids[:n_tokens]
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise CalibrationError(
+            f"{purpose} text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "pass more text or a smaller seq_len"
+        )
+    return torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
+

@@ -1,0 +1,116 @@
+"""Swap a model's MLPs and attention projections for sparse wrappers, and back.
+
+The wrappers keep the original modules as ``base``, so removing them restores the exact
+original model (same module objects, same weights). All new modules are built before the first
+swap, so a failure leaves the model untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibrate.artifact import Calibration
+from sparseffn.errors import PatchStateError
+from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
+from sparseffn.modules import SparseGatedMLP, SparseLinear
+
+STATE_ATTR = "_sparseffn_state"
+
+
+@dataclass
+class PatchState:
+    """What sparseffn keeps on a patched model."""
+
+    spec: FamilySpec
+    calibration: Calibration
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def patch_state(model: nn.Module) -> PatchState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise PatchStateError("the model is not sparsified; call sparseffn.sparsify first")
+    return state
+
+
+def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, torch.Tensor],
+                   topk_sparsity: float | None) -> dict[tuple[nn.Module, str], nn.Module]:
+    """New modules for one layer, keyed by (parent, attribute)."""
+    mlp, attn = layer_mlp(layer), layer_attn(layer)
+    mlp_sites = {s: t for s, t in thresholds.items()
+                 if s in (*spec.mlp_in, "down_proj") or (s == "act" and topk_sparsity is None)}
+    new: dict[tuple[nn.Module, str], nn.Module] = {}
+    if mlp_sites or topk_sparsity is not None:
+        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, mlp_sites, topk_sparsity)
+    for site in (*spec.attn_in, spec.attn_out):
+        if site in thresholds:
+            new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site])
+    return new
+
+
+def install(model: nn.Module, calibration: Calibration) -> None:
+    """Patch ``model`` in place with ``calibration``'s thresholds."""
+    if is_sparsified(model):
+        raise PatchStateError(
+            "the model is already sparsified; call sparseffn.unsparsify(model) first, or "
+            "sparseffn.set_sparsity(model, s) to change its level"
+        )
+    spec = family_of(model)
+    topk = calibration.config.method == "topk"
+    swaps: dict[tuple[nn.Module, str], nn.Module] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        thresholds = calibration.layer_thresholds(i)
+        topk_sparsity = float(thresholds["act"]) if topk and "act" in thresholds else None
+        swaps.update(_layer_modules(spec, layer, thresholds, topk_sparsity))
+    for (parent, name), module in swaps.items():
+        setattr(parent, name, module)
+    setattr(model, STATE_ATTR, PatchState(spec, calibration))
+
+
+def sparse_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, module) of every sparse wrapper in ``model``."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for module in layer.modules():
+            if isinstance(module, (SparseGatedMLP, SparseLinear)):
+                out.append((i, module))
+    return out
+
+
+def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
+    """Load ``calibration``'s thresholds into the installed wrappers (same sites)."""
+    state = patch_state(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        thresholds = calibration.layer_thresholds(i)
+        mlp = layer_mlp(layer)
+        if isinstance(mlp, SparseGatedMLP):
+            if mlp.topk_sparsity is not None:
+                mlp.topk_sparsity = float(thresholds["act"])
+            for site in mlp.sites:
+                if mlp.threshold(site) is not None:
+                    mlp.set_threshold(site, thresholds[site])
+        attn = layer_attn(layer)
+        for site in (*state.spec.attn_in, state.spec.attn_out):
+            module = getattr(attn, site)
+            if isinstance(module, SparseLinear):
+                module.set_threshold(thresholds[site])
+    state.calibration = calibration
+
+
+def remove(model: nn.Module) -> None:
+    """Put every original module back and forget the sparsity state."""
+    state = patch_state(model)
+    for layer in decoder_layers(model):
+        if isinstance(layer.mlp, SparseGatedMLP):
+            layer.mlp = layer.mlp.base
+        attn = layer_attn(layer)
+        for site in (*state.spec.attn_in, state.spec.attn_out):
+            module = getattr(attn, site)
+            if isinstance(module, SparseLinear):
+                setattr(attn, site, module.base)
+    delattr(model, STATE_ATTR)

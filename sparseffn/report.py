@@ -1,0 +1,107 @@
+"""Measured sparsity of a sparsified model since the last reset.
+
+Every gated site counts its active entries on the device; reading a report is the only host
+sync. Sparsity of a site is the fraction of its gated entries that were off, which is the
+fraction of the weight bytes it covers that a decode step skips. Per layer and overall values
+weight sites by those bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from sparseffn.families import decoder_layers, layer_attn, layer_mlp
+from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.patching import patch_state, sparse_modules
+
+
+@dataclass
+class SiteSparsity:
+    layer: int
+    site: str
+    sparsity: float  # measured fraction of gated entries off
+    target: float  # allocated by the calibration
+    covered_elements: int  # weight elements a skipped entry saves, summed over the site
+    observed: int  # entries counted
+
+
+@dataclass
+class SparsityReport:
+    """Measured sparsity per site, per layer and overall.
+
+    Attributes:
+        sites: one entry per gated site.
+        overall: skipped fraction of the bytes of the sparsified projections.
+        ffn_bytes_skipped: skipped fraction of all FFN (gate, up, down) weight bytes.
+        all_bytes_skipped: skipped fraction of all projection (attention + FFN) weight bytes.
+    """
+
+    sites: list[SiteSparsity]
+    overall: float
+    ffn_bytes_skipped: float
+    all_bytes_skipped: float
+
+    def per_layer(self) -> list[float]:
+        """Bytes-weighted measured sparsity of each layer's gated sites."""
+        layers = sorted({s.layer for s in self.sites})
+        return [_weighted([s for s in self.sites if s.layer == i]) for i in layers]
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5} {'site':<13} {'measured':>8} {'target':>7}"]
+        lines += [f"{s.layer:>5} {s.site:<13} {s.sparsity:>8.3f} {s.target:>7.3f}"
+                  for s in self.sites]
+        lines.append(f"overall {self.overall:.3f}; FFN bytes skipped {self.ffn_bytes_skipped:.3f}; "
+                     f"all projection bytes skipped {self.all_bytes_skipped:.3f}")
+        return "\n".join(lines)
+
+
+def _weighted(sites: list[SiteSparsity]) -> float:
+    total = sum(s.covered_elements for s in sites)
+    return sum(s.sparsity * s.covered_elements for s in sites) / total if total else 0.0
+
+
+def _counters(module: nn.Module):
+    if isinstance(module, SparseLinear):
+        return [(None, module.counter)]
+    return list(module.counters.items())
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Measured sparsity since the last ``reset_sparsity_stats`` (or since patching)."""
+    state = patch_state(model)
+    sites = []
+    for layer, module in sparse_modules(model):
+        for name, counter in _counters(module):
+            if name is None:  # a SparseLinear: find its attribute name in the attention block
+                attn = layer_attn(decoder_layers(model)[layer])
+                name = next(n for n, m in attn.named_children() if m is module)
+            total = int(counter.total)
+            off = 1.0 - int(counter.active) / total if total else 0.0
+            target = state.calibration.sparsities.get(f"layers.{layer}.{name}", 0.0)
+            sites.append(SiteSparsity(layer, name, off, target, counter.covered_elements, total))
+    ffn_total = attn_total = 0
+    for layer in decoder_layers(model):
+        mlp = layer_mlp(layer)
+        mlp = mlp.base if isinstance(mlp, SparseGatedMLP) else mlp
+        ffn_total += sum(p.numel() for p in mlp.parameters())
+        attn = layer_attn(layer)
+        attn_total += sum(m.weight.numel() for m in attn.modules() if isinstance(m, nn.Linear))
+    skipped = sum(s.sparsity * s.covered_elements for s in sites)
+    ffn_skipped = sum(s.sparsity * s.covered_elements for s in sites
+                      if s.site in ("act", "down_proj", *state.spec.mlp_in))
+    return SparsityReport(sites, _weighted(sites), ffn_skipped / ffn_total,
+                          skipped / (ffn_total + attn_total))
+
+
+def reset_sparsity_stats(model: nn.Module) -> None:
+    """Zero every site's counters."""
+    for _, module in sparse_modules(model):
+        for _, counter in _counters(module):
+            counter.reset()
+
+
+def track_sparsity(model: nn.Module, enabled: bool) -> None:
+    """Turn counting on or off (off saves two reductions per site per forward)."""
+    for _, module in sparse_modules(model):
+        module.track = enabled
