@@ -198,6 +198,29 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An internal buffer every element of which the kernels overwrite.
+
+    NaN-filled under the interpreter (CI), so that an element a kernel fails to write poisons the
+    result and fails the tests; uninitialised (no fill kernel) on the GPU.
+    """
+    if INTERPRET:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def output_buffer(out: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``out`` checked against the expected shape/dtype/device, or a new empty tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)} on "
+                         f"{device}; got {out.dtype} {list(out.shape)} on {out.device}")
+    return out
+
+
 def row_pattern(n: int, sparsity: float, device: torch.device) -> torch.Tensor:
     """Bool [n]: a random set of round((1 - sparsity) * n) active rows (at least one)."""
     n_on = max(1, round((1.0 - sparsity) * n))

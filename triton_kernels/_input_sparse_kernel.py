@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, upcast_dot
+from ._common import LaunchConfig, scratch, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -113,8 +113,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
     split = max(1, min(cfg.split, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split) * cfg.rows
     split = triton.cdiv(K, k_per_split)
-    target = out if split == 1 else torch.empty((split, B, N), device=x.device,
-                                                dtype=torch.float32)
+    target = out if split == 1 else scratch((split, B, N), torch.float32, x.device)
     # Unused pointers (by MODE) are given x so that no placeholder tensor is allocated per call.
     thr_t = thr if thr is not None else x
     mask_t = mask.view(torch.uint8) if mask is not None else x

@@ -77,10 +77,12 @@ def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, activation: str = "silu",
                  config: Optional[C.LaunchConfig] = None,
-                 down_config: Optional[C.LaunchConfig] = None) -> torch.Tensor:
+                 down_config: Optional[C.LaunchConfig] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-    ``config`` / ``down_config`` force the gate/up and down launch configs (tests).
+    ``config`` / ``down_config`` force the gate/up and down launch configs (tests); ``out``
+    ([B, H] contiguous, x's dtype) receives y.
     """
     B, H, I = _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
     C.require_kernels(x.device)
@@ -91,8 +93,8 @@ def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     act = ACT_SILU if activation == "silu" else ACT_GELU_TANH
     thr = None if threshold is None else C.expand_threshold(threshold, B, I, x.device, "")
     m = None if mask is None else C.expand_mask(mask, B, I, x.device, "")
-    h = torch.empty((B, I), device=x.device, dtype=x.dtype)
-    y = torch.empty((B, H), device=x.device, dtype=x.dtype)
+    h = C.scratch((B, I), x.dtype, x.device)
+    y = C.output_buffer(out, (B, H), x.dtype, x.device)
     step = C.MAX_BATCH_PER_LAUNCH
     for b0 in range(0, B, step):
         sl = slice(b0, min(B, b0 + step))

@@ -42,17 +42,19 @@ def output_sparse_gemv_ref(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor)
 
 
 def _triton_impl(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
-                 config: Optional[C.LaunchConfig] = None) -> torch.Tensor:
+                 config: Optional[C.LaunchConfig] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-    ``config`` forces a launch config (tests); by default it is tuned once per shape.
+    ``config`` forces a launch config (tests); by default it is tuned once per shape. ``out``
+    ([B, N] contiguous, x's dtype) receives y, e.g. a NaN-filled buffer in tests.
     """
     B, K, N = _validate(x, w, mask)
     C.require_kernels(x.device)
     from ._output_sparse_kernel import launch_output_sparse
 
     m = C.expand_mask(mask, B, N, x.device, "")
-    y = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    y = C.output_buffer(out, (B, N), x.dtype, x.device)
     step = C.MAX_BATCH_PER_LAUNCH
     for b0 in range(0, B, step):
         sl = slice(b0, min(B, b0 + step))

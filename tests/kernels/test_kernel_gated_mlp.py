@@ -1,0 +1,100 @@
+"""sparse_gated_mlp's Triton kernels against a float64 reference of the same math.
+
+Bounds (on top of kernel_testlib's): the kernel's h = round(g * u) comes from fp32 gate/up sums,
+so |h - h_ref| <= its rounding + |g| * ACC * sum|up terms| + |u| * 1.2 * ACC * sum|gate terms|
+(1.2 > the largest slope of SiLU and tanh-GELU), and that error reaches y through |w_down|.
+Thresholds sit in the middle of a gap between gate values, asserted wider than 4 * 2**-20 of the
+gate's sum of |terms| (random-order fp32 error is about eps / sqrt(H) of that sum, 2**-20 is 16
+eps), so that no neuron can flip between the kernel and the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_testlib import (ACC, DTYPE_IDS, DTYPES, assert_within, devices, midpoint_threshold,
+                            nan_like, out_ulps, rows_with_tokens, weight)
+from triton_kernels import LaunchConfig
+from triton_kernels.gated_mlp import _triton_impl
+
+# (criterion, activation, (H, I), forced gate/up config, forced down config) on the CPU.
+CPU_CASES = [
+    ("scalar", "silu", (63, 431), LaunchConfig(16, 64), LaunchConfig(32, 64, 3)),
+    ("channel", "gelu_tanh", (431, 63), LaunchConfig(16, 128), LaunchConfig(16, 128, 1)),
+    ("token", "silu", (97, 1023), LaunchConfig(32, 128), LaunchConfig(64, 128, 4)),
+    ("mask", "gelu_tanh", (33, 4097), LaunchConfig(128, 64), LaunchConfig(256, 64, 8)),
+]
+CUDA_CASES = [
+    ("scalar", "silu", (4096, 14336), None, None),
+    ("channel", "gelu_tanh", (3584, 18944), None, None),
+    ("token", "silu", (1023, 4097), None, None),
+    ("mask", "silu", (4096, 14336), None, None),
+]
+
+
+def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+
+
+def make_criterion(g: torch.Tensor, flip_err: torch.Tensor, kind: str, sparsity: float):
+    """(threshold, mask) for float64 gate activations g [B, I]; thresholds keep a distance
+    > 2 * flip_err (the largest plausible kernel error of |g|) from every |g|."""
+    B, I = g.shape
+    a = g.abs()
+    if kind == "mask":
+        return None, rows_with_tokens(B, I, sparsity, g.device.type)
+    if kind == "channel":
+        delta = 0.05 * a.pow(2).mean().sqrt()
+        off = torch.rand(I, device=g.device) < sparsity
+        thr = torch.where(off, a.amax(0) + delta, a.amin(0) - delta)
+        return thr.float(), None
+    rows = [a.flatten()] if kind == "scalar" else list(a)
+    thr, gaps = zip(*(midpoint_threshold(r, sparsity) for r in rows))
+    assert min(gaps) > 4 * flip_err.max().item(), "test data: gap too narrow for the bound"
+    thr = torch.tensor(thr, device=g.device, dtype=torch.float32)
+    return (thr[0], None) if kind == "scalar" else (thr[:, None], None)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", range(4), ids=[f"{c[0]}-{c[1]}" for c in CPU_CASES])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_reference(device, case, sparsity, batch, dtype):
+    kind, act, (H, I), cfg, down_cfg = (CPU_CASES if device == "cpu" else CUDA_CASES)[case]
+    x = torch.randn(batch, H, device=device).to(dtype)
+    w_gate, w_up = weight(I, H, dtype, device), weight(I, H, dtype, device)
+    w_down_t = weight(H, I, dtype, device).t().contiguous()
+    xd, wg, wu, wd = (t.double() for t in (x, w_gate, w_up, w_down_t))
+    g, u = _act(xd @ wg.t(), act), xd @ wu.t()
+    gate_terms, up_terms = xd.abs() @ wg.abs().t(), xd.abs() @ wu.abs().t()
+    gate_err = 1.2 * ACC * gate_terms
+    thr, mask = make_criterion(g, 1.2 * 2.0**-20 * gate_terms, kind, sparsity)
+    active = g.abs() > thr.double() if thr is not None else mask
+    y = _triton_impl(x, w_gate, w_up, w_down_t, thr, mask, act, config=cfg,
+                     down_config=down_cfg, out=nan_like((batch, H), dtype, device))
+    h_ref = torch.where(active, g * u, 0.0).to(dtype).double()
+    h_err = torch.where(active, out_ulps(dtype) * h_ref.abs() + g.abs() * ACC * up_terms
+                        + u.abs() * gate_err + 2.0**-24, 0.0)
+    ref = h_ref @ wd
+    bound = (out_ulps(dtype) * ref.abs() + h_err @ wd.abs() + ACC * (h_ref.abs() @ wd.abs())
+             + 2.0**-24)
+    assert_within(y, ref, bound, f"{kind} {act} H={H} I={I}")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_large_batch_and_broadcast_threshold(device):
+    """B = 17 (two launches of each kernel) with a per-channel [I] threshold."""
+    dtype, B, H, I = torch.float16, 17, 63, 97
+    x = torch.randn(B, H, device=device).to(dtype)
+    w_gate, w_up = weight(I, H, dtype, device), weight(I, H, dtype, device)
+    w_down_t = weight(H, I, dtype, device).t().contiguous()
+    xd, wg, wu, wd = (t.double() for t in (x, w_gate, w_up, w_down_t))
+    g, u = F.silu(xd @ wg.t()), xd @ wu.t()
+    thr, _ = make_criterion(g, 1.2 * 2.0**-20 * (xd.abs() @ wg.abs().t()), "channel", 0.5)
+    y = _triton_impl(x, w_gate, w_up, w_down_t, thr, out=nan_like((B, H), dtype, device))
+    h_ref = torch.where(g.abs() > thr.double(), g * u, 0.0).to(dtype).double()
+    ref = h_ref @ wd
+    # h may differ by one ulp of fp16 where g*u rounds differently (see module docstring).
+    bound = out_ulps(dtype) * (ref.abs() + 2 * (h_ref.abs() @ wd.abs())) + 2.0**-24
+    assert_within(y, ref, bound, "B=17")
