@@ -1,0 +1,118 @@
+"""The custom ops themselves: registration, fake (meta) implementations, dispatch to the
+reference off-GPU, torch.compile(fullgraph=True) (and CUDA graphs on a GPU), input validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_kernels as tk
+
+OPS = {
+    "input_sparse_gemv": torch.ops.sparseffn.input_sparse_gemv.default,
+    "output_sparse_gemv": torch.ops.sparseffn.output_sparse_gemv.default,
+    "sparse_gated_mlp": torch.ops.sparseffn.sparse_gated_mlp.default,
+}
+
+
+def small_args(dtype=torch.float16, device="cpu", B=3, H=63, I=97):
+    """One call's (args, kwargs) per op, at odd sizes."""
+    x = torch.randn(B, H, device=device).to(dtype)
+    w_t = (torch.randn(H, I, device=device) / H**0.5).to(dtype)
+    w = (torch.randn(I, H, device=device) / H**0.5).to(dtype)
+    w2 = (torch.randn(I, H, device=device) / H**0.5).to(dtype)
+    mask = torch.rand(B, I, device=device) < 0.4
+    return {
+        "input_sparse_gemv": ((x, w_t), {"threshold": torch.tensor(0.6, device=device)}),
+        "output_sparse_gemv": ((x, w, mask), {}),
+        "sparse_gated_mlp": ((x, w, w2, w_t.t().contiguous()),
+                             {"threshold": torch.full((B, 1), 0.1, device=device)}),
+    }
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_opcheck(name):
+    """Schema, fake tensor and AOT-dispatch checks of torch.library on the CPU path."""
+    args, kwargs = small_args()[name]
+    torch.library.opcheck(OPS[name], args, kwargs)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fake_impl_shape_and_dtype(name, dtype):
+    args, kwargs = small_args(dtype)[name]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fargs = [mode.from_tensor(a) for a in args]
+        fkw = {k: mode.from_tensor(v) for k, v in kwargs.items()}
+        out = OPS[name](*fargs, **fkw)
+    expected = {"input_sparse_gemv": (3, 97), "output_sparse_gemv": (3, 97),
+                "sparse_gated_mlp": (3, 63)}[name]
+    assert tuple(out.shape) == expected and out.dtype == dtype
+
+
+def test_cpu_ops_are_the_references():
+    for name, (args, kwargs) in small_args().items():
+        ref = getattr(tk, f"{name}_ref")(*args, **kwargs)
+        assert torch.equal(getattr(tk, name)(*args, **kwargs), ref), name
+
+
+def _all_ops(x, w_t, w, w2, w_down_t, mask, thr):
+    a = tk.input_sparse_gemv(x * 2, w_t, threshold=thr)
+    b = tk.output_sparse_gemv(x, w, mask)
+    c = tk.sparse_gated_mlp(x, w, w2, w_down_t, threshold=thr)
+    d = tk.sparse_gated_mlp(x, w, w2, w_down_t, mask=mask, activation="gelu_tanh")
+    return a.float().sum(1) + b.float().relu().sum(1) + (c.float() - d.float()).sum(1)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_cpu(backend):
+    (x, w_t), _ = small_args(torch.float32)["input_sparse_gemv"]
+    (_, w, mask), _ = small_args(torch.float32)["output_sparse_gemv"]
+    w2 = torch.randn_like(w)
+    args = (x, w_t, w, w2, w_t.t().contiguous(), mask, torch.tensor(0.05))
+    compiled = torch.compile(_all_ops, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_compile_reduce_overhead_cuda_graphs():
+    """fullgraph + CUDA graphs: recorded once, replayed on fresh inputs, still correct."""
+    H, I = 4096, 14336
+    dt = torch.bfloat16
+    (_, w_t), _ = small_args(dt, "cuda", H=H, I=I)["input_sparse_gemv"]
+    (_, w, _), _ = small_args(dt, "cuda", H=H, I=I)["output_sparse_gemv"]
+    w2, w_down_t = torch.randn_like(w) / H**0.5, w_t.t().contiguous()
+    compiled = torch.compile(_all_ops, fullgraph=True, mode="reduce-overhead")
+    for _ in range(4):  # warm-up, record, then replays
+        x = torch.randn(1, H, device="cuda").to(dt)
+        mask = torch.rand(1, I, device="cuda") < 0.5
+        args = (x, w_t, w, w2, w_down_t, mask, torch.tensor(0.6, device="cuda"))
+        torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
+
+
+def test_validation_errors():
+    x = torch.randn(2, 63, dtype=torch.float16)
+    w_t = torch.randn(63, 31, dtype=torch.float16)
+    thr = torch.tensor(0.5)
+    with pytest.raises(ValueError, match=r"contiguous\(\)"):
+        tk.input_sparse_gemv(x, torch.randn(31, 63, dtype=torch.float16).t(), threshold=thr)
+    with pytest.raises(ValueError, match="dtype"):
+        tk.input_sparse_gemv(x, w_t.float(), threshold=thr)
+    with pytest.raises(ValueError, match=r"\[K, N\]"):
+        tk.input_sparse_gemv(x, w_t[:62], threshold=thr)
+    with pytest.raises(ValueError, match="exactly one"):
+        tk.input_sparse_gemv(x, w_t)
+    with pytest.raises(ValueError, match="broadcast"):
+        tk.input_sparse_gemv(x, w_t, threshold=torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="bool"):
+        tk.output_sparse_gemv(x, w_t.t().contiguous(), torch.ones(2, 31))
+    with pytest.raises(ValueError, match="activation"):
+        tk.sparse_gated_mlp(x, w_t.t().contiguous(), w_t.t().contiguous(), w_t.t().contiguous(),
+                            threshold=thr, activation="relu")
+    with pytest.raises(ValueError, match="dtype"):
+        tk.input_sparse_gemv(x.to(torch.int32), w_t, threshold=thr)
+
+
+def test_kernels_available():
+    assert tk.kernels_available("meta") is False
+    assert tk.kernels_available("cpu") == (tk.HAS_TRITON and tk.INTERPRET)
