@@ -7,7 +7,7 @@ evaluation text is never calibration text:
   ``rdata``). Calibration: Emma, Mansfield Park, Northanger Abbey, Pride and Prejudice, Sense and
   Sensibility. Evaluation: Persuasion.
 - ``pydoc``: the standard library's ``pydoc_data.topics`` (technical English, always present).
-  Topics are assigned to a split by a stable hash of their name (about 1 in 5 is evaluation).
+  Topics are assigned to a split by a stable hash of their text (about 1 in 5 is evaluation).
 - ``news``: 300 Australian news articles (``lee_background.cor``) read from the ``gensim`` wheel
   without installing it. Article i is evaluation when i % 5 == 4.
 
@@ -127,9 +127,10 @@ def builtin_texts(source: str, split: str) -> list[str]:
         books = _austen_books()
         return [text for name, text in books.items() if (name in AUSTEN_EVAL_BOOKS) == want_eval]
     if source == "pydoc":
-        topics = _pydoc_topics()
-        return [text for name, text in topics.items()
-                if (int(hashlib.sha1(name.encode()).hexdigest(), 16) % 5 == 4) == want_eval]
+        # Several topic names share one text, so split (and deduplicate) by content.
+        unique = dict.fromkeys(_pydoc_topics().values())
+        return [text for text in unique
+                if (int(hashlib.sha1(text.encode()).hexdigest(), 16) % 5 == 4) == want_eval]
     if source == "news":
         return [a for i, a in enumerate(_news_articles()) if (i % 5 == 4) == want_eval]
     raise CalibrationError(
