@@ -136,13 +136,15 @@ def exactly_one(threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor])
 class LaunchConfig:
     """Tile shape of one launch.
 
-    ``rows``: weight rows per tile (along the dim that is skipped); ``cols``: contiguous elements
-    per row per tile; ``split``: programs sharing the reduction dim (1 = no partial sums).
+    ``rows``: weight rows per tile (rows of the dim that is skipped); ``cols``: contiguous
+    elements per row per tile; ``span``: candidate rows per program, compacted to the active
+    ones before the tile loop (input-sparse: the K range of one program, whose partial sums are
+    added by a second kernel when there are several; output-sparse: the block of output rows).
     """
 
     rows: int
     cols: int
-    split: int = 1
+    span: int
     num_warps: int = 4
     num_stages: int = 1
 

@@ -16,31 +16,41 @@ ACT_SILU, ACT_GELU_TANH = 0, 1
 
 
 @triton.jit
-def _row_dot(acc, w_ptr, x_ptr, offs_r, row_on, offs_b, b_ok, k0, K, stride_w, stride_xb,
-             stride_xk, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc += W[offs_r, k0:k0+BLOCK_K] . x[:, k0:k0+BLOCK_K] for the rows in ``row_on``."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-    w = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_k[None, :],
-                mask=row_on[:, None] & k_ok[None, :], other=0.0)
+def _rows_dot(w_ptr, x_ptr, offs_r, r_ok, offs_b, b_ok, K, stride_w, stride_xb, stride_xk,
+              BLOCK_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+              UPCAST_DOT: tl.constexpr):
+    """[BLOCK_B, ROWS] fp32: W[offs_r] . x[b] over all K, for the rows where r_ok.
+
+    Each iteration loads the next tile before multiplying the current one, so two tiles are in
+    flight per program and the loop waits for one memory round trip per tile at most.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_r[:, None] * stride_w + offs_k[None, :]
     if BLOCK_B == 1:
-        # [rows, BLOCK_K] elementwise; reduced over K once, after the loop.
-        xv = tl.load(x_ptr + offs_k * stride_xk, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        x_ptrs = x_ptr + offs_k * stride_xk
+        xv = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
     else:
-        xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk,
-                     mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc = tl.dot(xv.to(tl.float32), tl.trans(w).to(tl.float32), acc,
-                         input_precision="ieee")
+        acc = tl.zeros([BLOCK_B, ROWS], dtype=tl.float32)
+        x_ptrs = x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :] * stride_xk
+        xv = tl.load(x_ptrs, mask=b_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=r_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        w_next = tl.load(w_ptrs + k0, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_B == 1:
+            x_next = tl.load(x_ptrs + k0 * stride_xk, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         else:
-            acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _finish(acc, BLOCK_B: tl.constexpr):
-    """Accumulator -> [BLOCK_B, rows] fp32."""
+            x_next = tl.load(x_ptrs + k0 * stride_xk, mask=b_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+            if UPCAST_DOT:
+                acc = tl.dot(xv.to(tl.float32), tl.trans(w).to(tl.float32), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
+        w = w_next
+        xv = x_next
     if BLOCK_B == 1:
         return tl.sum(acc, axis=1)[None, :]
     else:
@@ -49,29 +59,42 @@ def _finish(acc, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def _output_sparse_kernel(
-    x_ptr, w_ptr, m_ptr, y_ptr, B, N, K,
+    x_ptr, w_ptr, m_ptr, idx_ptr, y_ptr, B, N, K,
     stride_xb, stride_xk, stride_w, stride_mb, stride_mn, stride_yb,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Each program owns SPAN output rows, compacts the ones any sequence needs (indices via a
+    scratch area: Triton has no register scatter) and computes them ROWS at a time, so both the
+    bytes and the loop iterations shrink with sparsity."""
+    pid = tl.program_id(0)
+    offs_s = pid * SPAN + tl.arange(0, SPAN)
+    s_ok = offs_s < N
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    bn_ok = b_ok[:, None] & (offs_n < N)[None, :]
-    m = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_n[None, :] * stride_mn,
-                mask=bn_ok, other=0) != 0
-    row_on = tl.max(m.to(tl.int32), axis=0) > 0
-    if BLOCK_B == 1:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    if tl.max(row_on.to(tl.int32), axis=0) > 0:
-        for k0 in range(0, K, BLOCK_K):
-            acc = _row_dot(acc, w_ptr, x_ptr, offs_n, row_on, offs_b, b_ok, k0, K, stride_w,
-                           stride_xb, stride_xk, BLOCK_B, BLOCK_K, UPCAST_DOT)
-    y = tl.where(m, _finish(acc, BLOCK_B), 0.0)
-    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=bn_ok)
+    m = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_s[None, :] * stride_mn,
+                mask=b_ok[:, None] & s_ok[None, :], other=0) != 0
+    row_on = tl.max(m.to(tl.int32), axis=0)
+    # Rows nobody needs are exact zeros for every sequence.
+    zeros = tl.zeros([BLOCK_B, SPAN], dtype=y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_s[None, :], zeros,
+             mask=b_ok[:, None] & (s_ok & (row_on == 0))[None, :])
+    count = tl.sum(row_on, axis=0)
+    base = pid * SPAN
+    tl.store(idx_ptr + base + tl.cumsum(row_on, axis=0) - 1, offs_s, mask=row_on != 0)
+    tl.debug_barrier()  # the stores above are read back by other threads of this program
+    r = tl.arange(0, ROWS)
+    for g in range(0, count, ROWS):
+        r_ok = (g + r) < count
+        # .cg: read from L2, where this program's stores went, never from a stale L1 line.
+        n_idx = tl.load(idx_ptr + base + g + r, mask=r_ok, other=0, cache_modifier=".cg")
+        res = _rows_dot(w_ptr, x_ptr, n_idx, r_ok, offs_b, b_ok, K, stride_w, stride_xb,
+                        stride_xk, BLOCK_B, ROWS, BLOCK_K, UPCAST_DOT)
+        ok = b_ok[:, None] & r_ok[None, :]
+        mm = tl.load(m_ptr + offs_b[:, None] * stride_mb + n_idx[None, :] * stride_mn,
+                     mask=ok, other=0) != 0
+        tl.store(y_ptr + offs_b[:, None] * stride_yb + n_idx[None, :],
+                 tl.where(mm, res, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -95,44 +118,39 @@ def _gate_up_kernel(
     """h[b, i] = act(Wg[i] . x[b]) * (Wu[i] . x[b]) where active, else 0; h in x's dtype.
 
     Threshold mode: every gate row is read, active = |act(gate)| > thr, and only active up rows
-    are read. Mask mode: gate and up rows of inactive neurons are both skipped, in one loop.
+    are read. Mask mode: gate and up rows of inactive neurons are both skipped. A program whose
+    neurons are all inactive skips the skippable loops altogether.
     """
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = offs_i < I
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     bi_ok = b_ok[:, None] & i_ok[None, :]
-    if BLOCK_B == 1:
-        acc_g = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
-    else:
-        acc_g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
     if USE_MASK:
         on = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_i[None, :] * stride_mi,
                      mask=bi_ok, other=0) != 0
         row_on = tl.max(on.to(tl.int32), axis=0) > 0
+        g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+        u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
         if tl.max(row_on.to(tl.int32), axis=0) > 0:
-            for h0 in range(0, H, BLOCK_H):
-                acc_g = _row_dot(acc_g, wg_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
-                                 stride_wg, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
-                acc_u = _row_dot(acc_u, wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
-                                 stride_wu, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
-        g = _activation(_finish(acc_g, BLOCK_B), ACT)
+            g = _rows_dot(wg_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wg, stride_xb,
+                          stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, UPCAST_DOT)
+            u = _rows_dot(wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wu, stride_xb,
+                          stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, UPCAST_DOT)
+        g = _activation(g, ACT)
     else:
-        for h0 in range(0, H, BLOCK_H):
-            acc_g = _row_dot(acc_g, wg_ptr, x_ptr, offs_i, i_ok, offs_b, b_ok, h0, H,
-                             stride_wg, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
-        g = _activation(_finish(acc_g, BLOCK_B), ACT)
+        g = _activation(_rows_dot(wg_ptr, x_ptr, offs_i, i_ok, offs_b, b_ok, H, stride_wg,
+                                  stride_xb, stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, UPCAST_DOT),
+                        ACT)
         thr = tl.load(thr_ptr + offs_b[:, None] * stride_tb + offs_i[None, :] * stride_ti,
                       mask=bi_ok, other=0.0)
         on = (tl.abs(g) > thr) & bi_ok
         row_on = tl.max(on.to(tl.int32), axis=0) > 0
+        u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
         if tl.max(row_on.to(tl.int32), axis=0) > 0:
-            for h0 in range(0, H, BLOCK_H):
-                acc_u = _row_dot(acc_u, wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, h0, H,
-                                 stride_wu, stride_xb, stride_xh, BLOCK_B, BLOCK_H, UPCAST_DOT)
-    h = tl.where(on, g * _finish(acc_u, BLOCK_B), 0.0)
+            u = _rows_dot(wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wu, stride_xb,
+                          stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, UPCAST_DOT)
+    h = tl.where(on, g * u, 0.0)
     tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_i[None, :],
              h.to(h_ptr.dtype.element_ty), mask=bi_ok)
 
@@ -150,11 +168,14 @@ def launch_output_sparse(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, o
     B, K = x.shape
     N = w.shape[0]
     m = mask.view(torch.uint8)
-    _output_sparse_kernel[(triton.cdiv(N, cfg.rows),)](
-        x, w, m, out, B, N, K, x.stride(0), x.stride(1), w.stride(0), m.stride(0), m.stride(1),
-        out.stride(0), BLOCK_B=_block_b(B), BLOCK_N=cfg.rows, BLOCK_K=cfg.cols,
-        UPCAST_DOT=upcast_dot(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    span = min(cfg.span, max(cfg.rows, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(N, span),)
+    idx = torch.empty(grid[0] * span, dtype=torch.int32, device=x.device)
+    _output_sparse_kernel[grid](
+        x, w, m, idx, out, B, N, K, x.stride(0), x.stride(1), w.stride(0), m.stride(0),
+        m.stride(1), out.stride(0), BLOCK_B=_block_b(B), SPAN=span, ROWS=cfg.rows,
+        BLOCK_K=cfg.cols, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -180,16 +201,17 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
 
 
 def candidates(batch: int, rows: int, K: int) -> list[LaunchConfig]:
-    """Tuning candidates for both kernels here; the first is the untuned default."""
+    """Tuning candidates for both kernels here (the gate/up kernel ignores ``span``); the first
+    is the untuned default."""
     if batch == 1:
-        tiles = [(8, 512, 4), (16, 256, 4), (4, 1024, 4), (16, 512, 8), (32, 256, 8)]
-    else:
-        tiles = [(16, 256, 4), (16, 512, 8), (32, 256, 8), (16, 128, 4)]
-    stages = 1 if batch == 1 else 2
+        tiles = [(4, 1024, 64, 4), (8, 512, 64, 4), (2, 2048, 32, 4), (4, 2048, 64, 8),
+                 (8, 1024, 128, 8)]
+    else:  # tl.dot needs >= 16 rows
+        tiles = [(16, 256, 64, 4), (16, 512, 64, 8), (32, 256, 128, 8), (16, 128, 64, 4)]
     out: list[LaunchConfig] = []
-    for r, c, w in tiles:
-        cfg = LaunchConfig(min(r, max(16, triton.next_power_of_2(rows))),
-                           min(c, max(16, triton.next_power_of_2(K))), 1, w, stages)
+    for r, c, span, w in tiles:
+        r = min(r, max(16 if batch > 1 else 1, triton.next_power_of_2(rows)))
+        cfg = LaunchConfig(r, min(c, max(16, triton.next_power_of_2(K))), max(r, span), w, 1)
         if cfg not in out:
             out.append(cfg)
     return out

@@ -1,7 +1,7 @@
 """input_sparse_gemv's Triton kernel against its float64 reference (see kernel_testlib for the
 error bounds). CPU cases run under the interpreter at small odd shapes with forced configs that
-cover both the direct store (split 1) and the split-K partial sums; CUDA cases run the tuned
-configs at real model shapes."""
+cover both the direct store (one K range) and the partial sums of several K ranges; CUDA cases
+run the tuned configs at real model shapes."""
 from __future__ import annotations
 
 import pytest
@@ -14,10 +14,10 @@ from triton_kernels.input_sparse import _triton_impl
 
 # (threshold kind, (K, N), forced config on the CPU); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
-    ("scalar", (63, 431), LaunchConfig(16, 128, 1)),
-    ("channel", (431, 63), LaunchConfig(32, 64, 3)),
-    ("token", (1023, 97), LaunchConfig(64, 64, 4)),
-    ("mask", (4097, 33), LaunchConfig(128, 32, 8)),
+    ("scalar", (63, 431), LaunchConfig(16, 128, 64)),  # one K range: direct store
+    ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges summed by the 2nd kernel
+    ("token", (1023, 97), LaunchConfig(32, 64, 256)),
+    ("mask", (4097, 33), LaunchConfig(16, 32, 1024)),  # last K range holds one row
 ]
 CUDA_CASES = [
     ("scalar", (4096, 14336), None),
