@@ -81,12 +81,12 @@ def _input_sparse_kernel(
         r_ok = (j + r) < count
         w = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        xv, on = _activity(x_ptr, thr_ptr, mask_ptr, k_idx, offs_b,
-                           r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
-                           stride_tk, stride_mb, stride_mk, MODE)
+        x_r, on_r = _activity(x_ptr, thr_ptr, mask_ptr, k_idx, offs_b,
+                              r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
+                              stride_tk, stride_mb, stride_mk, MODE)
         k_idx = tl.load(idx_ptr + base + j + ROWS + r, mask=(j + ROWS + r) < count, other=0,
                         cache_modifier=".cg")
-        xa = tl.where(on, xv, tl.zeros_like(xv))
+        xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
         if BLOCK_B == 1:
             acc += xa.to(tl.float32) * w.to(tl.float32)
         elif UPCAST_DOT:
