@@ -137,16 +137,17 @@ class LaunchConfig:
     """Tile shape of one launch.
 
     ``rows``: weight rows per tile (rows of the dim that is skipped); ``cols``: contiguous
-    elements per row per tile; ``span``: candidate rows per program, compacted to the active
-    ones before the tile loop (input-sparse: the K range of one program, whose partial sums are
-    added by a second kernel when there are several; output-sparse: the block of output rows).
+    elements per row per tile; ``span``: input-sparse only, the rows of K one program owns and
+    compacts to its active ones (several K ranges add their partial sums in a second kernel);
+    ``prefetch``: output-sparse and gate/up only, load the next tile before multiplying the
+    current one (two tiles in flight per program, at twice the registers).
     """
 
     rows: int
     cols: int
-    span: int
+    span: int = 0
     num_warps: int = 4
-    num_stages: int = 1
+    prefetch: bool = False
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

@@ -50,8 +50,8 @@ def _input_sparse_kernel(
     B, K, N,
     stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk,
     stride_os, stride_ob,
-    MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -59,19 +59,26 @@ def _input_sparse_kernel(
     n_ok = offs_n < N
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    # 1. Compact this program's active rows (any sequence) into idx[base : base + count].
-    offs_k = pid_s * SPAN + tl.arange(0, SPAN)
-    _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
-                      (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
-                      stride_tk, stride_mb, stride_mk, MODE)
-    row_on = (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
-    count = tl.sum(row_on, axis=0)
+    # 1. Compact this program's active rows (any sequence) into idx[base : base + count], in
+    #    chunks of at most 128 rows so that the [chunk, BLOCK_B] activity stays in registers.
     base = (pid_s * tl.num_programs(0) + pid_n) * SPAN
-    tl.store(idx_ptr + base + tl.cumsum(row_on, axis=0) - 1, offs_k, mask=row_on != 0)
+    count = 0
+    for c0 in range(0, SPAN, CHUNK):
+        offs_k = pid_s * SPAN + c0 + tl.arange(0, CHUNK)
+        _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
+                          (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk,
+                          stride_tb, stride_tk, stride_mb, stride_mk, MODE)
+        row_on = (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
+        tl.store(idx_ptr + base + count + tl.cumsum(row_on, axis=0) - 1, offs_k,
+                 mask=row_on != 0)
+        count += tl.sum(row_on, axis=0)
     tl.debug_barrier()  # the stores above are read back by other threads of this program
     # 2. Loop over active rows only, ROWS at a time.
+    # Batch 1 reduces each tile over its rows at once: with BLOCK_N = 256 * num_warps every
+    # thread owns whole columns of the tile, so the sum stays inside the thread and the
+    # accumulator is 8 registers (a [ROWS, BLOCK_N] one cost 64 and halved the programs per SM).
     if BLOCK_B == 1:
-        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     r = tl.arange(0, ROWS)
@@ -88,14 +95,14 @@ def _input_sparse_kernel(
                         cache_modifier=".cg")
         xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
         if BLOCK_B == 1:
-            acc += xa.to(tl.float32) * w.to(tl.float32)
+            acc += tl.sum(xa.to(tl.float32) * w.to(tl.float32), axis=0)
         elif UPCAST_DOT:
             acc = tl.dot(tl.trans(xa).to(tl.float32), w.to(tl.float32), acc,
                          input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(xa), w, acc, input_precision="ieee")
     if BLOCK_B == 1:
-        res = tl.sum(acc, axis=0)[None, :]
+        res = acc[None, :]
     else:
         res = acc
     out_ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_n[None, :]
@@ -138,8 +145,9 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
         x.stride(0), x.stride(1), w_t.stride(0), thr_t.stride(0), thr_t.stride(1),
         mask_t.stride(0), mask_t.stride(1),
         0 if splits == 1 else target.stride(0), target.stride(-2),
-        MODE=mode, BLOCK_B=block_b, SPAN=span, ROWS=cfg.rows, BLOCK_N=cfg.cols,
-        UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
+        BLOCK_N=cfg.cols,
+        UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
     )
     if splits > 1:
         m = out.numel()
@@ -148,19 +156,22 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
-    """Tuning candidates; the first is the untuned default. Spans aim at 2 or 4 programs/SM."""
+    """Tuning candidates; the first is the untuned default. Spans aim at 3 or 6 programs/SM.
+
+    Batch 1 tiles are 256 * num_warps columns wide (see the kernel); tl.dot needs >= 16 rows.
+    """
     if batch == 1:
-        tiles = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8)]
-    else:  # tl.dot needs >= 16 rows
+        tiles = [(16, 1024, 4), (32, 1024, 4), (8, 1024, 4), (16, 2048, 8), (16, 512, 2)]
+    else:
         tiles = [(16, 128, 4), (32, 128, 4), (16, 256, 8), (32, 256, 8)]
     out: list[LaunchConfig] = []
-    for per_sm in (4, 2):
+    for per_sm in (3, 6):
         for rows, cols, warps in tiles:
             cols = min(cols, max(16, triton.next_power_of_2(N)))
             n_blocks = triton.cdiv(N, cols)
             want = triton.cdiv(K * n_blocks, per_sm * n_sm)  # rows per program
             span = max(rows, min(1024, triton.next_power_of_2(want)))
-            cfg = LaunchConfig(rows, cols, span, warps, 1)
+            cfg = LaunchConfig(rows, cols, span, warps)
             if cfg not in out:
                 out.append(cfg)
     return out

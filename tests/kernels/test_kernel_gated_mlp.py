@@ -19,10 +19,10 @@ from triton_kernels.gated_mlp import _triton_impl
 
 # (criterion, activation, (H, I), forced gate/up config, forced down config) on the CPU.
 CPU_CASES = [
-    ("scalar", "silu", (63, 431), LaunchConfig(16, 64, 16), LaunchConfig(16, 64, 128)),
-    ("channel", "gelu_tanh", (431, 63), LaunchConfig(16, 128, 16), LaunchConfig(16, 128, 64)),
-    ("token", "silu", (97, 1023), LaunchConfig(32, 64, 32), LaunchConfig(32, 128, 256)),
-    ("mask", "gelu_tanh", (33, 4097), LaunchConfig(128, 32, 128),
+    ("scalar", "silu", (63, 431), LaunchConfig(16, 64, prefetch=True), LaunchConfig(16, 64, 128)),
+    ("channel", "gelu_tanh", (431, 63), LaunchConfig(16, 128), LaunchConfig(16, 128, 64)),
+    ("token", "silu", (97, 1023), LaunchConfig(32, 64), LaunchConfig(32, 128, 256)),
+    ("mask", "gelu_tanh", (33, 4097), LaunchConfig(128, 32, prefetch=True),
      LaunchConfig(16, 64, 1024)),
 ]
 CUDA_CASES = [

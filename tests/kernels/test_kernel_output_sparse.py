@@ -13,10 +13,10 @@ from triton_kernels.output_sparse import _triton_impl
 
 # ((N, K), forced config on the CPU, x layout); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
-    ((431, 63), LaunchConfig(16, 64, 64), "contiguous"),
-    ((63, 431), LaunchConfig(16, 128, 16), "strided"),
-    ((97, 1023), LaunchConfig(16, 256, 128), "transposed"),
-    ((33, 4097), LaunchConfig(16, 512, 32), "contiguous"),
+    ((431, 63), LaunchConfig(16, 64), "contiguous"),
+    ((63, 431), LaunchConfig(16, 128, prefetch=True), "strided"),
+    ((97, 1023), LaunchConfig(32, 256), "transposed"),
+    ((33, 4097), LaunchConfig(16, 512, prefetch=True), "contiguous"),
 ]
 CUDA_CASES = [
     ((14336, 4096), None, "contiguous"),
