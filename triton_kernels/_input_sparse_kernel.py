@@ -156,22 +156,26 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
-    """Tuning candidates; the first is the untuned default. Spans aim at 3 or 6 programs/SM.
+    """Tuning candidates; the first is the untuned default.
 
-    Batch 1 tiles are 256 * num_warps columns wide (see the kernel); tl.dot needs >= 16 rows.
+    (rows, cols, warps, programs per SM): batch-1 tiles are 256 * num_warps columns wide (see
+    the kernel), tl.dot needs >= 16 rows. The programs per SM set the span; several are tried
+    because the best one depends on how many programs fit an SM at once (registers) and on
+    the last, partial wave of programs.
     """
     if batch == 1:
-        tiles = [(16, 1024, 4), (32, 1024, 4), (8, 1024, 4), (16, 2048, 8), (16, 512, 2)]
+        tiles = [(16, 1024, 4, 6), (16, 1024, 4, 3), (16, 1024, 4, 12), (8, 1024, 4, 6),
+                 (8, 1024, 4, 12), (16, 512, 2, 6), (16, 512, 2, 12), (16, 2048, 8, 3)]
     else:
-        tiles = [(16, 128, 4), (32, 128, 4), (16, 256, 8), (32, 256, 8)]
+        tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
+                 (16, 128, 4, 6)]
     out: list[LaunchConfig] = []
-    for per_sm in (3, 6):
-        for rows, cols, warps in tiles:
-            cols = min(cols, max(16, triton.next_power_of_2(N)))
-            n_blocks = triton.cdiv(N, cols)
-            want = triton.cdiv(K * n_blocks, per_sm * n_sm)  # rows per program
-            span = max(rows, min(1024, triton.next_power_of_2(want)))
-            cfg = LaunchConfig(rows, cols, span, warps)
-            if cfg not in out:
-                out.append(cfg)
+    for rows, cols, warps, per_sm in tiles:
+        cols = min(cols, max(16, triton.next_power_of_2(N)))
+        n_blocks = triton.cdiv(N, cols)
+        want = triton.cdiv(K * n_blocks, per_sm * n_sm)  # rows per program
+        span = max(rows, min(1024, triton.next_power_of_2(want)))
+        cfg = LaunchConfig(rows, cols, span, warps)
+        if cfg not in out:
+            out.append(cfg)
     return out

@@ -142,7 +142,7 @@ def print_tables(rows: list[dict]) -> None:
     b1 = [r for r in rows if r["batch"] == 1]
     sps = sorted({r["sparsity"] for r in b1})
     print("\nbatch 1: speedup over dense (fraction of the bandwidth bound); FAIL = wrong output")
-    print(f"{'case':40s}{'dtype':9s}" + "".join(f"{s:>13}" for s in sps))
+    print(f"{'case':40s}{'dtype':9s}" + "".join(f"{s:>15}" for s in sps))
     for key in sorted({(r["op"], r["model"], r["K"], r["N"], r["dtype"]) for r in b1}):
         pts = {r["sparsity"]: r for r in b1
                if (r["op"], r["model"], r["K"], r["N"], r["dtype"]) == key}
@@ -150,7 +150,7 @@ def print_tables(rows: list[dict]) -> None:
         for s in sps:
             r = pts.get(s)
             cell = f"{r['speedup'] or 'FAIL'} ({r['frac_of_bound']:.2f})" if r else ""
-            cells += f"{cell:>13}"
+            cells += f"{cell:>15}"
         label = cs.Case(key[0], key[1], key[2], key[3]).label
         print(f"{label:40s}{key[4]:9s}{cells}")
     print("\ntargets (batch 1, 4096x14336 both directions, fp16/bf16):")
@@ -203,15 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    for case in cs.cases(args.ops.split(","), args.models.split(",")):
-        for dtype in dtypes:
-            rows += run_case(case, dtype, batches, sparsities, bw, args,
-                             {**meta, "copy_tbps": round(copy_bw / 1e12, 3),
-                              "read_tbps": round(read_bw / 1e12, 3)})
-    with open(args.csv, "w", newline="") as f:
+    meta.update(copy_tbps=round(copy_bw / 1e12, 3), read_tbps=round(read_bw / 1e12, 3))
+    with open(args.csv, "w", newline="") as f:  # rows are written as they come
         w = csv.DictWriter(f, fieldnames=FIELDS + ["copy_tbps", "read_tbps"])
         w.writeheader()
-        w.writerows(rows)
+        for case in cs.cases(args.ops.split(","), args.models.split(",")):
+            for dtype in dtypes:
+                new = run_case(case, dtype, batches, sparsities, bw, args, meta)
+                w.writerows(new)
+                f.flush()
+                rows += new
     print_tables(rows)
     if args.tuning_log:
         with open(args.tuning_log, "w") as f:
