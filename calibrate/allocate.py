@@ -14,12 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibrate.artifact import Calibration, model_fingerprint
 from sparseffn.config import SparsityConfig
 from sparseffn.families import FamilySpec, decoder_layers, layer_attn, layer_mlp
 from sparseffn.methods import Method
 from sparseffn.modules import SparseGatedMLP, SparseLinear
-from sparseffn.patching import install, remove
 
 MAX_SITE_SPARSITY = 0.95
 
@@ -74,52 +72,46 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config
                       progress: bool = True) -> dict[str, float]:
     """Per-site sparsities ``{"layers.{i}.{site}": s}`` meeting each layer's target in bytes.
 
-    ``model`` is patched temporarily (zero thresholds) and restored before returning.
+    ``model`` must be patched with every site of ``method``; its thresholds are changed.
     """
     layers = decoder_layers(model)
     sites = method.sites(spec, config.scope)
     inputs = _capture_layer_inputs(model, windows)
-    zero = {f"layers.{i}.{s}": torch.zeros(()) for i in range(len(layers)) for s in sites}
-    scaffold = Calibration(config, model_fingerprint(model), {k: 0.0 for k in zero}, zero)
-    install(model, scaffold)
     result: dict[str, float] = {}
-    try:
-        for i in tqdm(range(len(layers)), desc="greedy allocation", disable=not progress):
-            layer = layers[i]
-            for module in layer.modules():
-                if isinstance(module, (SparseGatedMLP, SparseLinear)):
-                    module.track = False  # search passes are not measurements
-            prefix = f"layers.{i}."
-            layer_stats = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
-            size = {}
+    for i in tqdm(range(len(layers)), desc="greedy allocation", disable=not progress):
+        layer = layers[i]
+        for module in layer.modules():
+            if isinstance(module, (SparseGatedMLP, SparseLinear)):
+                module.track = False  # search passes are not measurements
+        prefix = f"layers.{i}."
+        layer_stats = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+        size = {}
+        for s in sites:
+            module, name = _site_module(spec, layer, s)
+            size[s] = (module.counters[name] if name else module.counter).covered_elements
+        total = sum(size.values())
+        target = config.target_for_layer(i) * total
+        level = dict.fromkeys(sites, 0.0)
+        dense = _run(layer, inputs[i])
+        scale = dense.pow(2).mean().clamp_min(1e-30)
+        current_err = 0.0
+        while sum(level[s] * size[s] for s in sites) < target - 1e-9:
+            best = None
+            needed = target - sum(level[s] * size[s] for s in sites)
             for s in sites:
-                module, name = _site_module(spec, layer, s)
-                size[s] = (module.counters[name] if name else module.counter).covered_elements
-            total = sum(size.values())
-            target = config.target_for_layer(i) * total
-            level = dict.fromkeys(sites, 0.0)
-            dense = _run(layer, inputs[i])
-            scale = dense.pow(2).mean().clamp_min(1e-30)
-            current_err = 0.0
-            while sum(level[s] * size[s] for s in sites) < target - 1e-9:
-                best = None
-                needed = target - sum(level[s] * size[s] for s in sites)
-                for s in sites:
-                    if level[s] >= MAX_SITE_SPARSITY:
-                        continue
-                    step = min(config.greedy_step, MAX_SITE_SPARSITY - level[s], needed / size[s])
-                    _set(spec, layer, s, method.fit(layer_stats, s, level[s] + step))
-                    err = float((_run(layer, inputs[i]) - dense).pow(2).mean() / scale)
-                    _set(spec, layer, s, method.fit(layer_stats, s, level[s]))
-                    cost = (err - current_err) / (step * size[s])
-                    if best is None or cost < best[0]:
-                        best = (cost, s, step, err)
-                if best is None:  # every site at its cap: the target is out of reach
-                    break
-                _, s, step, current_err = best
-                level[s] += step
+                if level[s] >= MAX_SITE_SPARSITY:
+                    continue
+                step = min(config.greedy_step, MAX_SITE_SPARSITY - level[s], needed / size[s])
+                _set(spec, layer, s, method.fit(layer_stats, s, level[s] + step))
+                err = float((_run(layer, inputs[i]) - dense).pow(2).mean() / scale)
                 _set(spec, layer, s, method.fit(layer_stats, s, level[s]))
-            result.update({f"layers.{i}.{s}": level[s] for s in sites})
-    finally:
-        remove(model)
+                cost = (err - current_err) / (step * size[s])
+                if best is None or cost < best[0]:
+                    best = (cost, s, step, err)
+            if best is None:  # every site at its cap: the target is out of reach
+                break
+            _, s, step, current_err = best
+            level[s] += step
+            _set(spec, layer, s, method.fit(layer_stats, s, level[s]))
+        result.update({f"layers.{i}.{s}": level[s] for s in sites})
     return result

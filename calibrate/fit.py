@@ -16,6 +16,7 @@ from sparseffn.data import token_windows
 from sparseffn.errors import CalibrationError
 from sparseffn.families import FamilySpec, decoder_layers, family_of
 from sparseffn.methods import Method, get_method
+from sparseffn.patching import install, remove, update_thresholds
 
 MIN_TOKENS = 1024  # below this, per-channel histograms are too thin to place thresholds
 
@@ -49,15 +50,31 @@ def fit_thresholds(method: Method, stats: dict[str, torch.Tensor],
     return out
 
 
+def _scaffold(model: nn.Module, config: SparsityConfig, method: Method, spec: FamilySpec,
+              num_layers: int) -> Calibration:
+    """Zero thresholds at every site: the patched model computes the dense function."""
+    sparsities = uniform_sparsities(config, method, spec, num_layers)
+    zeros = {key: torch.zeros(()) for key in sparsities}
+    return Calibration(config, model_fingerprint(model), dict.fromkeys(sparsities, 0.0), zeros)
+
+
 def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str], config: SparsityConfig,
                     n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
-                    progress: bool = True, data_name: str = "user texts") -> Calibration:
+                    progress: bool = True, data_name: str = "user texts",
+                    refine: int = 2) -> Calibration:
     """Observe ``model`` on ``texts`` and fit ``config``'s thresholds.
+
+    The first pass observes dense activations; each of ``refine`` further passes observes the
+    model patched with the current thresholds and refits. Thresholds fitted on dense
+    activations alone undershoot the target: sparsifying a layer's gate/up inputs shrinks its
+    down input, and sparsifying early layers shifts later ones (TEAL at 65% on all seven
+    projections of SmolLM2 measured 71% instead of 65% without refinement).
 
     Args:
         texts: calibration documents (see ``sparseffn.data.load_texts``).
-        n_tokens: tokens to observe (the first ``n_tokens`` of the concatenated texts).
+        n_tokens: tokens observed per pass, in windows spread over the whole text.
         seq_len: window length; each forward pass sees [batch_size, seq_len] tokens.
+        refine: refinement passes after the dense one.
 
     Returns:
         A Calibration; ``model`` is left unchanged.
@@ -65,40 +82,51 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str], config: 
     spec = family_of(model)
     method = get_method(config.method, spec)
     num_layers = len(decoder_layers(model))
-    stats: dict[str, torch.Tensor] = {}
-    tokens = 0
-    if method.needs_calibration:
-        windows = token_windows(tokenizer, texts, n_tokens, min(seq_len, n_tokens))
-        tokens = windows.numel()
-        if tokens < MIN_TOKENS:
-            raise CalibrationError(
-                f"calibration text gave {tokens} tokens; at least {MIN_TOKENS} are needed for "
-                "stable thresholds (16k recommended). Pass more text."
-            )
-        was_training = model.training
-        model.eval()
-        try:
-            stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
-                                       progress)
-        finally:
-            model.train(was_training)
-    if config.allocation == "greedy":
-        sparsities = greedy_sparsities(model, spec, method, config, stats, windows[:2],
-                                       progress=progress)
-    else:
+    scaffold = _scaffold(model, config, method, spec, num_layers)
+    meta = {"versions": _versions(), "tokens": 0, "seq_len": seq_len, "data": data_name,
+            "refine_passes": refine}
+    if not method.needs_calibration:
         sparsities = uniform_sparsities(config, method, spec, num_layers)
-    return Calibration(
-        config=config,
-        fingerprint=model_fingerprint(model),
-        sparsities=sparsities,
-        thresholds=fit_thresholds(method, stats, sparsities),
-        stats=stats,
-        meta={"versions": _versions(), "tokens": tokens, "seq_len": seq_len, "data": data_name},
-    )
+        return replace(scaffold, sparsities=sparsities, meta=meta,
+                       thresholds=fit_thresholds(method, {}, sparsities))
+    windows = token_windows(tokenizer, texts, n_tokens, min(seq_len, n_tokens))
+    meta["tokens"] = windows.numel()
+    if windows.numel() < MIN_TOKENS:
+        raise CalibrationError(
+            f"calibration text gave {windows.numel()} tokens; at least {MIN_TOKENS} are needed "
+            "for stable thresholds (16k recommended). Pass more text."
+        )
+    was_training = model.training
+    model.eval()
+    install(model, scaffold)
+    try:
+        stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
+                                   progress, desc="calibrating (dense pass)")
+        if config.allocation == "greedy":
+            sparsities = greedy_sparsities(model, spec, method, config, stats, windows[:2],
+                                           progress=progress)
+        else:
+            sparsities = uniform_sparsities(config, method, spec, num_layers)
+        for k in range(refine):
+            fitted = replace(scaffold, sparsities=sparsities,
+                             thresholds=fit_thresholds(method, stats, sparsities))
+            update_thresholds(model, fitted)
+            stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
+                                       progress, desc=f"calibrating (refinement {k + 1})")
+    finally:
+        remove(model)
+        model.train(was_training)
+    return Calibration(config, scaffold.fingerprint, sparsities,
+                       fit_thresholds(method, stats, sparsities), stats, meta)
 
 
 def refit(calibration: Calibration, sparsity: float, spec: FamilySpec) -> Calibration:
-    """The same calibration at another uniform ``sparsity``, from its stored statistics."""
+    """The same calibration at another uniform ``sparsity``, from its stored statistics.
+
+    Fast and needs no data, but the statistics were observed under the calibrated level's
+    upstream sparsity, so far from that level the measured sparsity drifts (a few points from
+    0.25 to 0.65 on SmolLM2); ``sparsify`` with text at the new level is exact.
+    """
     config = replace(calibration.config, sparsity=sparsity, layer_sparsity={})
     if config.allocation == "greedy":
         raise CalibrationError(

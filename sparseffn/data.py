@@ -195,11 +195,16 @@ def load_texts(data: Any, split: str = "calibration", text_field: str = "text") 
 
 
 def token_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int,
-                  purpose: str = "calibration") -> torch.Tensor:
-    """Concatenate ``texts`` (separated by EOS) and cut the first ``n_tokens`` into windows.
+                  purpose: str = "calibration", spread: int = 64) -> torch.Tensor:
+    """Windows of ``seq_len`` tokens, about ``n_tokens`` in all, spread evenly over the text.
+
+    Documents are concatenated (separated by EOS); windows are taken at even strides over the
+    first ``spread * n_tokens`` tokens, so a calibration sees every book of a corpus rather than
+    the opening of the first one.
 
     Returns:
-        LongTensor [n_windows, seq_len]; a shorter final remainder is dropped.
+        LongTensor [n_windows, seq_len], n_windows = n_tokens // seq_len (fewer if the text is
+        short).
 
     Raises:
         CalibrationError: if the text holds fewer than ``seq_len`` tokens.
@@ -208,14 +213,15 @@ def token_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int,
     ids: list[int] = []
     for doc in texts:
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
-        if len(ids) >= n_tokens:
+        if len(ids) >= spread * n_tokens:
             break
-    ids = ids[:n_tokens]
-    n_windows = len(ids) // seq_len
-    if n_windows == 0:
+    available = len(ids) // seq_len
+    if available == 0:
         raise CalibrationError(
             f"{purpose} text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
             "pass more text or a smaller seq_len"
         )
-    return torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
-
+    n_windows = max(1, min(n_tokens // seq_len, available))
+    starts = torch.linspace(0, (available - 1) * seq_len, n_windows).long() // seq_len * seq_len
+    stream = torch.tensor(ids[: available * seq_len])
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])

@@ -7,9 +7,13 @@ device. Threshold tests are strict: an input (or neuron) is active when its magn
 ``> threshold``, so a zero threshold keeps everything but exact zeros.
 
 Every gated site counts active and total entries (int64 buffers, updated on the device) for
-measured-sparsity reports; ``track = False`` turns counting off.
+measured-sparsity reports; ``track = False`` turns counting off. During calibration an
+``observe(site, value)`` callback sees each gated quantity before its mask, so thresholds are
+fitted on exactly what they are compared with at run time (upstream sparsity included).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,22 +54,26 @@ class SparseLinear(nn.Module):
         threshold: float32 [] or [in_features]; channel i is active when |x_i| > threshold_i.
     """
 
-    def __init__(self, base: nn.Linear, threshold: torch.Tensor) -> None:
+    def __init__(self, base: nn.Linear, threshold: torch.Tensor, site: str) -> None:
         super().__init__()
         self.base = base
         self.track = True
+        self.observe: Callable[[str, torch.Tensor], None] | None = None
+        self.site = site  # the attribute name this wrapper replaces, e.g. "q_proj"
         self.register_buffer("threshold", threshold.detach().float().to(base.weight.device))
         self.counter = SiteCounter(base.weight.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]."""
+        if self.observe is not None:
+            self.observe(self.site, x)
         return self.base(_mask_input(x, self.threshold, self.counter, self.track))
 
     def set_threshold(self, threshold: torch.Tensor) -> None:
         self.threshold = threshold.detach().float().to(self.threshold.device)
 
     def extra_repr(self) -> str:
-        return f"threshold_shape={tuple(self.threshold.shape)}"
+        return f"site={self.site}, threshold_shape={tuple(self.threshold.shape)}"
 
 
 class SparseGatedMLP(nn.Module):
@@ -85,6 +93,7 @@ class SparseGatedMLP(nn.Module):
         self.base = base
         self.spec = spec
         self.track = True
+        self.observe: Callable[[str, torch.Tensor], None] | None = None
         self.topk_sparsity = topk_sparsity
         device = base.down_proj.weight.device
         inter, hidden = base.down_proj.weight.shape[1], base.down_proj.weight.shape[0]
@@ -118,10 +127,16 @@ class SparseGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
+        observe = self.observe
+        if observe is not None:
+            observe("mlp_in", x)
         x_gate = self._gate_input(x, self.spec.mlp_in[0])
         x_up = x_gate if self.spec.fused_gate_up else self._gate_input(x, "up_proj")
         gate, up = gate_and_up(self.spec, self.base, x_gate, x_up)
         act = activation(self.spec, self.base)(gate)
+        if observe is not None:
+            observe("act", act)
+            observe("up", up)
         t_act = self.threshold("act")
         if t_act is not None or self.topk_sparsity is not None:
             magnitude = act.abs()
@@ -135,6 +150,8 @@ class SparseGatedMLP(nn.Module):
             h = torch.where(mask, act * up, torch.zeros((), dtype=act.dtype, device=act.device))
         else:
             h = act * up
+        if observe is not None:
+            observe("down_in", h)
         return self.base.down_proj(self._gate_input(h, "down_proj"))
 
     def extra_repr(self) -> str:

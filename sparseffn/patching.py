@@ -49,7 +49,7 @@ def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, tor
         new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, mlp_sites, topk_sparsity)
     for site in (*spec.attn_in, spec.attn_out):
         if site in thresholds:
-            new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site])
+            new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site], site)
     return new
 
 

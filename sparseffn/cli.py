@@ -1,0 +1,172 @@
+"""Command line: ``sparseffn calibrate | eval | demo``.
+
+Every command works offline on the built-in model (``--model builtin``, the default) and
+built-in text; ``--model`` also takes any local Hugging Face folder or hub name.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(name: str, dtype: str, device: str):
+    """(model, tokenizer) for ``name`` ("builtin" or a transformers path/name)."""
+    if name == "builtin":
+        from sparseffn.models import load_builtin_model
+        return load_builtin_model(DTYPES[dtype], device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin",
+                   help="'builtin' (SmolLM2-135M, offline) or a transformers folder/name")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="austen",
+                   help="calibration text: a built-in source (austen, pydoc, news) or a "
+                        ".txt/.jsonl file or folder")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=512)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    import sparseffn
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    sparseffn.sparsify(model, args.method, args.sparsity, args.data, tokenizer=tokenizer,
+                       scope=args.scope, allocation=args.allocation, n_tokens=args.tokens,
+                       seq_len=args.seq_len)
+    path = sparseffn.save_calibration(model, args.out, overwrite=args.overwrite)
+    print(f"saved {args.method} calibration at sparsity {args.sparsity} to {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from sparseffn.data import load_texts
+    from sparseffn.eval.sweep import markdown_table, plot, quality_sweep, write_csv
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    eval_texts = load_texts(args.eval_data, "eval")
+    rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
+                         eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                         n_tokens=args.tokens, n_items=args.items)
+    print(markdown_table(rows))
+    extra = {"device": args.device, "torch": torch.__version__, "model": args.model,
+             "dtype": args.dtype, "calibration_data": args.data, "eval_data": args.eval_data}
+    if args.csv:
+        write_csv(rows, args.csv, extra)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        plot(rows, args.plot, f"{args.model} ({args.dtype}); calibration {args.data} "
+                              f"{args.tokens} tok; held-out {args.eval_data} "
+                              f"{args.eval_tokens} tok, {args.items} items per task")
+        print(f"wrote {args.plot}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import sparseffn
+    from sparseffn.data import load_texts, token_windows
+    from sparseffn.eval.perplexity import perplexity
+    from sparseffn.eval.sweep import evaluate
+    from sparseffn.eval.tasks import build_tasks
+
+    start = time.time()
+    print(f"sparseffn demo: {args.method} at sparsity {args.sparsity} on the built-in "
+          "SmolLM2-135M (Python {}, torch {}, {})".format(platform.python_version(),
+                                                         torch.__version__, args.device))
+    model, tokenizer = load_model("builtin", args.dtype, args.device)
+    eval_texts = load_texts(args.eval_data, "eval")
+    windows = token_windows(tokenizer, eval_texts, args.eval_tokens, 512, "evaluation")
+    tasks = build_tasks(tokenizer, eval_texts, args.items)
+    print(f"held-out text: {args.eval_data} ({windows.numel()} tokens for perplexity, "
+          f"{args.items} items per accuracy task)")
+    dense = evaluate(model, windows, tasks)
+    sparseffn.sparsify(model, args.method, args.sparsity, args.data, tokenizer=tokenizer,
+                       scope=args.scope, n_tokens=args.tokens)
+    sparseffn.reset_sparsity_stats(model)
+    sparse = {"perplexity": perplexity(model, windows)}
+    report = sparseffn.sparsity_report(model)  # over the held-out perplexity windows only
+    sparse.update({task.name: task.evaluate(model) for task in tasks})
+    print(f"\n{'':<28}{'dense':>10}{'sparse':>10}")
+    for key, label in (("perplexity", "perplexity"), ("next_sentence", "next-sentence acc"),
+                       ("last_word", "last-word acc")):
+        print(f"{label:<28}{dense[key]:>10.3f}{sparse[key]:>10.3f}")
+    print(f"{'measured sparsity':<28}{0:>10.3f}{report.overall:>10.3f}  (target {args.sparsity})")
+    print(f"{'FFN weight bytes skipped':<28}{0:>10.3f}{report.ffn_bytes_skipped:>10.3f}  "
+          "(per decode step)")
+    prompt = "It is a truth universally acknowledged that"
+    ids = tokenizer(prompt, return_tensors="pt").to(args.device)
+    out = model.generate(**ids, max_new_tokens=40, do_sample=False)
+    print(f"\nsparse model, greedy: {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+    print(f"\ndone in {time.time() - start:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparseffn.config import ALLOCATIONS, METHODS, SCOPES
+    parser = argparse.ArgumentParser(prog="sparseffn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="fit thresholds on text and save them")
+    _model_args(p)
+    _calib_args(p)
+    p.add_argument("--method", default="chess", choices=METHODS)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--scope", default="mlp", choices=SCOPES)
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    p.add_argument("--out", required=True, help="folder for the calibration artifact")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity and accuracy against sparsity, table + plot")
+    _model_args(p)
+    _calib_args(p)
+    p.add_argument("--methods", nargs="+",
+                   default=["teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk"],
+                   help="method[:scope[:allocation]] specs")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--eval-data", default="austen", help="held-out text source")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--items", type=int, default=200, help="items per accuracy task")
+    p.add_argument("--csv", help="write results here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="dense vs sparse on the built-in model, in a few minutes")
+    p.add_argument("--method", default="chess", choices=METHODS)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--scope", default="mlp", choices=SCOPES)
+    p.add_argument("--data", default="austen")
+    p.add_argument("--eval-data", default="austen")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--items", type=int, default=60)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sparseffn.errors import SparseFFNError
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SparseFFNError as exc:
+        print(f"sparseffn: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Quality against sparsity: every method at several levels, on held-out text, in one run.
+
+A method spec is ``name[:scope[:allocation]]``, e.g. ``teal:all``, ``teal:all:greedy``,
+``cats``. Each method is calibrated once; uniform methods then change level from their stored
+statistics (``set_sparsity``), greedy ones recalibrate per level.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import sparseffn
+from sparseffn.eval.perplexity import perplexity
+from sparseffn.eval.tasks import build_tasks
+
+
+@dataclass
+class QualityRow:
+    method: str
+    target: float
+    measured: float  # measured sparsity of the sparsified projections (bytes-weighted)
+    ffn_bytes_skipped: float
+    all_bytes_skipped: float
+    perplexity: float
+    next_sentence: float
+    last_word: float
+    seconds: float
+
+
+def parse_method(spec: str) -> dict[str, str]:
+    """``"teal:all:greedy"`` -> sparsify keyword arguments."""
+    parts = spec.split(":")
+    out = {"method": parts[0]}
+    if len(parts) > 1:
+        out["scope"] = parts[1]
+    if len(parts) > 2:
+        out["allocation"] = parts[2]
+    return out
+
+
+def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any]) -> dict[str, float]:
+    """Perplexity on ``windows`` and accuracy on each task."""
+    result = {"perplexity": perplexity(model, windows)}
+    for task in tasks:
+        result[task.name] = task.evaluate(model)
+    return result
+
+
+def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
+                  sparsities: Sequence[float], calibration: Any, eval_texts: list[str],
+                  eval_tokens: int = 4096, seq_len: int = 512, n_tokens: int = 16384,
+                  n_items: int = 200, log=print) -> list[QualityRow]:
+    """Dense plus every (method, sparsity) pair, each measured on the same held-out data."""
+    from sparseffn.data import token_windows
+
+    windows = token_windows(tokenizer, eval_texts, eval_tokens, seq_len, "evaluation")
+    tasks = build_tasks(tokenizer, eval_texts, n_items)
+    start = time.time()
+    dense = evaluate(model, windows, tasks)
+    rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
+                       dense["next_sentence"], dense["last_word"], time.time() - start)]
+    log(format_row(rows[-1]))
+    for spec in methods:
+        kwargs = parse_method(spec)
+        greedy = kwargs.get("allocation") == "greedy"
+        for k, level in enumerate(sparsities):
+            start = time.time()
+            if k == 0 or greedy:
+                if sparseffn.is_sparsified(model):
+                    sparseffn.unsparsify(model)
+                sparseffn.sparsify(model, sparsity=level, calibration=calibration,
+                                   tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
+                                   progress=False, **kwargs)
+            else:
+                sparseffn.set_sparsity(model, level)
+            sparseffn.reset_sparsity_stats(model)
+            # Measured sparsity is read over the perplexity windows only: held-out text.
+            ppl = perplexity(model, windows)
+            report = sparseffn.sparsity_report(model)
+            accs = {task.name: task.evaluate(model) for task in tasks}
+            rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
+                                   report.all_bytes_skipped, ppl, accs["next_sentence"],
+                                   accs["last_word"], time.time() - start))
+            log(format_row(rows[-1]))
+        sparseffn.unsparsify(model)
+    return rows
+
+
+def format_row(row: QualityRow) -> str:
+    return (f"{row.method:<16} target {row.target:.2f} measured {row.measured:.3f} "
+            f"ffn-bytes {row.ffn_bytes_skipped:.3f} ppl {row.perplexity:8.2f} "
+            f"next-sent {row.next_sentence:.3f} last-word {row.last_word:.3f} "
+            f"({row.seconds:.0f}s)")
+
+
+def markdown_table(rows: Sequence[QualityRow]) -> str:
+    lines = ["| method | target | measured sparsity | FFN bytes skipped | all proj. bytes "
+             "skipped | perplexity | next sentence | last word |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.target:.2f} | {r.measured:.3f} | "
+                     f"{r.ffn_bytes_skipped:.3f} | {r.all_bytes_skipped:.3f} | "
+                     f"{r.perplexity:.2f} | {r.next_sentence:.3f} | {r.last_word:.3f} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[QualityRow], path: str | Path, extra: dict[str, str]) -> None:
+    """Write ``rows`` with ``extra`` columns (device, versions, data) on every line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        fields = list(extra) + list(asdict(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**extra, **asdict(r)})
+
+
+def plot(rows: Sequence[QualityRow], path: str | Path, title: str) -> None:
+    """Perplexity and both accuracies against measured sparsity, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r.method == "dense")
+    methods = list(dict.fromkeys(r.method for r in rows if r.method != "dense"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("perplexity", "perplexity (log)"), ("next_sentence", "next-sentence accuracy"),
+              ("last_word", "last-word accuracy")]
+    for ax, (field, label) in zip(axes, panels):
+        for method in methods:
+            pts = [(r.measured, getattr(r, field)) for r in rows if r.method == method]
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(getattr(dense, field), color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel("measured sparsity of sparsified projections")
+        ax.set_ylabel(label)
+        if field == "perplexity":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
