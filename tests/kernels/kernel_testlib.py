@@ -84,7 +84,7 @@ def midpoint_threshold(values: torch.Tensor, sparsity: float) -> tuple[float, fl
     if sparsity <= 0.0:
         return -1.0, float("inf")  # every |value| > -1: all active, nothing can flip
     q = min(n - 1, max(1, round(sparsity * n)))
-    w = max(8, n // 100)  # search 1% of the values either side: real sizes need the room
+    w = max(8, n // 20)  # search 5% of the values either side: real sizes need the room
     lo, hi = max(1, q - w), min(n - 1, q + w)
     gaps = v[lo:hi + 1] - v[lo - 1:hi]
     j = lo + int(gaps.argmax())
