@@ -3,9 +3,12 @@
 Bounds (on top of kernel_testlib's): the kernel's h = round(g * u) comes from fp32 gate/up sums,
 so |h - h_ref| <= its rounding + |g| * ACC * sum|up terms| + |u| * 1.2 * ACC * sum|gate terms|
 (1.2 > the largest slope of SiLU and tanh-GELU), and that error reaches y through |w_down|.
-Thresholds sit in the middle of a gap between gate values, asserted wider than 4 * 2**-20 of the
-gate's sum of |terms| (random-order fp32 error is about eps / sqrt(H) of that sum, 2**-20 is 16
-eps), so that no neuron can flip between the kernel and the reference."""
+Thresholds sit in the middle of a gap between gate values, asserted wider than 4 * 2**-22 of the
+gate's sum of |terms|: fp32 summation error is about eps * sqrt(H) * ||terms||_2, which is eps
+(2**-24) times that sum for terms of similar size, so each neighbour of the threshold is 8 such
+standard errors away from it and no neuron can flip between the kernel and the reference. (A
+margin of 16 eps found no wide enough gap among the densely packed small |SiLU| values at
+H = 4096, I = 14336.)"""
 from __future__ import annotations
 
 import pytest
@@ -70,7 +73,7 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     g, u = _act(xd @ wg.t(), act), xd @ wu.t()
     gate_terms, up_terms = xd.abs() @ wg.abs().t(), xd.abs() @ wu.abs().t()
     gate_err = 1.2 * ACC * gate_terms
-    thr, mask = make_criterion(g, 1.2 * 2.0**-20 * gate_terms, kind, sparsity)
+    thr, mask = make_criterion(g, 1.2 * 2.0**-22 * gate_terms, kind, sparsity)
     active = g.abs() > thr.double() if thr is not None else mask
     y = _triton_impl(x, w_gate, w_up, w_down_t, thr, mask, act, config=cfg,
                      down_config=down_cfg, out=nan_like((batch, H), dtype, device))
@@ -92,7 +95,7 @@ def test_large_batch_and_broadcast_threshold(device):
     w_down_t = weight(H, I, dtype, device).t().contiguous()
     xd, wg, wu, wd = (t.double() for t in (x, w_gate, w_up, w_down_t))
     g, u = F.silu(xd @ wg.t()), xd @ wu.t()
-    thr, _ = make_criterion(g, 1.2 * 2.0**-20 * (xd.abs() @ wg.abs().t()), "channel", 0.5)
+    thr, _ = make_criterion(g, 1.2 * 2.0**-22 * (xd.abs() @ wg.abs().t()), "channel", 0.5)
     y = _triton_impl(x, w_gate, w_up, w_down_t, thr, out=nan_like((B, H), dtype, device))
     h_ref = torch.where(g.abs() > thr.double(), g * u, 0.0).to(dtype).double()
     ref = h_ref @ wd
