@@ -140,9 +140,7 @@ class LaunchConfig:
     elements per row per tile; ``span``: input-sparse only, the rows of K one program owns and
     compacts to its active ones (several K ranges add their partial sums in a second kernel);
     ``prefetch``: output-sparse and gate/up only, load the next tile before multiplying the
-    current one (two tiles in flight per program, at twice the registers); ``per_sm``:
-    output-sparse only, a persistent grid of this many programs per SM, each looping over row
-    blocks (0: one program per block).
+    current one (two tiles in flight per program, at twice the registers).
     """
 
     rows: int
@@ -150,7 +148,6 @@ class LaunchConfig:
     span: int = 0
     num_warps: int = 4
     prefetch: bool = False
-    per_sm: int = 0
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

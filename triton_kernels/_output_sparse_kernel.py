@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, sm_count, upcast_dot
+from ._common import LaunchConfig, upcast_dot
 
 ACT_SILU, ACT_GELU_TANH = 0, 1
 
@@ -76,26 +76,28 @@ def _output_sparse_kernel(
     BLOCK_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """Programs loop over blocks of ROWS output rows (one block each unless the grid is
-    persistent). Blocks are few rows, so that a block nobody needs costs one mask load and the
-    work of the others is spread evenly. (A version with 64 rows per program that compacted
-    the active ones and looped over them left too few programs: 1.9x slower at sparsity 0 on
-    14336x4096; one program per 1-row block hit a floor of ~11 us from launching 14336
-    programs at 0.8-0.95 sparsity. H100, 2026-11-23.)"""
+    """One program per ROWS output rows. Rows are few per program, so that a program whose rows
+    nobody needs exits at once and the work of the others is spread over many programs.
+
+    Measured alternatives (H100, 2026-11-23): 64 rows per program, compacted to the active ones
+    and looped over, left too few programs (1.9x slower at sparsity 0 on 14336x4096); a
+    persistent grid looping over row blocks removed the cost of launching thousands of empty
+    programs at 0.95 sparsity (11.1 -> 8.3 us on 4096->14336) but its loop made the same tiles
+    10% slower at 0.5, so it was dropped.
+    """
+    offs_n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    for blk in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
-        offs_n = blk * ROWS + tl.arange(0, ROWS)
-        ok = b_ok[:, None] & (offs_n < N)[None, :]
-        m = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_n[None, :] * stride_mn,
-                    mask=ok, other=0) != 0
-        row_on = tl.max(m.to(tl.int32), axis=0) > 0
-        res = tl.zeros([BLOCK_B, ROWS], dtype=tl.float32)
-        if tl.max(row_on.to(tl.int32), axis=0) > 0:
-            res = _rows_dot(w_ptr, x_ptr, offs_n, row_on, offs_b, b_ok, K, stride_w, stride_xb,
-                            stride_xk, BLOCK_B, ROWS, BLOCK_K, PREFETCH, UPCAST_DOT)
-        tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
-                 tl.where(m, res, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+    ok = b_ok[:, None] & (offs_n < N)[None, :]
+    m = tl.load(m_ptr + offs_b[:, None] * stride_mb + offs_n[None, :] * stride_mn,
+                mask=ok, other=0) != 0
+    row_on = tl.max(m.to(tl.int32), axis=0) > 0
+    res = tl.zeros([BLOCK_B, ROWS], dtype=tl.float32)
+    if tl.max(row_on.to(tl.int32), axis=0) > 0:
+        res = _rows_dot(w_ptr, x_ptr, offs_n, row_on, offs_b, b_ok, K, stride_w, stride_xb,
+                        stride_xk, BLOCK_B, ROWS, BLOCK_K, PREFETCH, UPCAST_DOT)
+    tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :],
+             tl.where(m, res, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -169,10 +171,7 @@ def launch_output_sparse(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, o
     B, K = x.shape
     N = w.shape[0]
     m = mask.view(torch.uint8)
-    grid = triton.cdiv(N, cfg.rows)
-    if cfg.per_sm:
-        grid = min(grid, cfg.per_sm * sm_count(x.device))
-    _output_sparse_kernel[(grid,)](
+    _output_sparse_kernel[(triton.cdiv(N, cfg.rows),)](
         x, w, m, out, B, N, K, x.stride(0), x.stride(1), w.stride(0), m.stride(0),
         m.stride(1), out.stride(0), BLOCK_B=_block_b(B), ROWS=cfg.rows, BLOCK_K=cfg.cols,
         PREFETCH=cfg.prefetch, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
@@ -200,24 +199,18 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     )
 
 
-def candidates(batch: int, rows: int, K: int, persistent: bool = False) -> list[LaunchConfig]:
-    """Tuning candidates (rows, cols, warps, prefetch[, programs per SM]); the first is the
-    untuned default. ``persistent`` adds persistent-grid variants (output-sparse kernel only)."""
+def candidates(batch: int, rows: int, K: int) -> list[LaunchConfig]:
+    """Tuning candidates for both kernels here; the first is the untuned default."""
     if batch == 1:
         tiles = [(4, 1024, 4, False), (2, 2048, 4, False), (1, 2048, 4, False),
                  (4, 1024, 4, True), (2, 2048, 4, True), (8, 512, 4, False)]
-        if persistent:
-            tiles += [(1, 2048, 4, False, 16), (2, 2048, 4, True, 8), (4, 1024, 4, False, 8)]
     else:  # tl.dot needs >= 16 rows
         tiles = [(16, 256, 4, False), (16, 256, 4, True), (16, 512, 8, False),
                  (32, 256, 8, False)]
-        if persistent:
-            tiles += [(16, 256, 4, False, 8)]
     out: list[LaunchConfig] = []
-    for r, c, w, pre, *per_sm in tiles:
+    for r, c, w, pre in tiles:
         r = min(r, max(16 if batch > 1 else 1, triton.next_power_of_2(rows)))
-        cfg = LaunchConfig(r, min(c, max(16, triton.next_power_of_2(K))), 0, w, pre,
-                           per_sm[0] if per_sm else 0)
+        cfg = LaunchConfig(r, min(c, max(16, triton.next_power_of_2(K))), 0, w, pre)
         if cfg not in out:
             out.append(cfg)
     return out

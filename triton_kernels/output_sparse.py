@@ -77,7 +77,7 @@ def pick_config(w: torch.Tensor, batch: int) -> C.LaunchConfig:
         out = torch.empty(batch, N, device=dev, dtype=w.dtype)
         return lambda cfg: launch_output_sparse(x, w, m, out, cfg)
 
-    return C.tuned_config(key, candidates(batch, N, K, persistent=True), make_bench, dev)
+    return C.tuned_config(key, candidates(batch, N, K), make_bench, dev)
 
 
 @torch.library.custom_op("sparseffn::output_sparse_gemv", mutates_args=())

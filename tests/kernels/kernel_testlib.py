@@ -74,18 +74,3 @@ def rows_with_tokens(batch: int, rows: int, union_sparsity: float, device: str) 
     per_seq = torch.rand(batch, rows, device=device) < 0.7
     per_seq[0] = True  # the union is exactly ``union``
     return union & per_seq
-
-
-def midpoint_threshold(values: torch.Tensor, sparsity: float) -> tuple[float, float]:
-    """A threshold that leaves about ``sparsity`` of ``values`` (1-D, >= 0) at or below it, put
-    in the middle of the widest gap near that quantile; returns (threshold, gap)."""
-    v = values.double().sort().values
-    n = v.numel()
-    if sparsity <= 0.0:
-        return -1.0, float("inf")  # every |value| > -1: all active, nothing can flip
-    q = min(n - 1, max(1, round(sparsity * n)))
-    w = max(8, n // 20)  # search 5% of the values either side: real sizes need the room
-    lo, hi = max(1, q - w), min(n - 1, q + w)
-    gaps = v[lo:hi + 1] - v[lo - 1:hi]
-    j = lo + int(gaps.argmax())
-    return ((v[j - 1] + v[j]) / 2).item(), gaps.max().item()

@@ -3,20 +3,20 @@
 Bounds (on top of kernel_testlib's): the kernel's h = round(g * u) comes from fp32 gate/up sums,
 so |h - h_ref| <= its rounding + |g| * ACC * sum|up terms| + |u| * 1.2 * ACC * sum|gate terms|
 (1.2 > the largest slope of SiLU and tanh-GELU), and that error reaches y through |w_down|.
-Thresholds sit in the middle of a gap between gate values, asserted wider than 4 * 2**-22 of the
-gate's sum of |terms|: fp32 summation error is about eps * sqrt(H) * ||terms||_2, which is eps
-(2**-24) times that sum for terms of similar size, so each neighbour of the threshold is 8 such
-standard errors away from it and no neuron can flip between the kernel and the reference. (A
-margin of 16 eps found no wide enough gap among the densely packed small |SiLU| values at
-H = 4096, I = 14336.)"""
+A neuron whose |g| lies within 1.2 * ACC * sum|gate terms| of its threshold may be decided
+either way by the kernel (another fp32 summation order); its whole |g * u| is added to the
+bound of h. Such neurons are rare (the margin is 256 eps of the sum) and near-threshold, so
+the bound stays tight; it replaced thresholds placed in gaps between gate values, which found
+no wide enough gap among the densely packed small |SiLU| values at H = 4096, I = 14336, B = 8.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_testlib import (ACC, DTYPE_IDS, DTYPES, assert_within, devices, midpoint_threshold,
-                            nan_like, out_ulps, rows_with_tokens, weight)
+from kernel_testlib import (ACC, DTYPE_IDS, DTYPES, assert_within, devices, nan_like, out_ulps,
+                            rows_with_tokens, weight)
 from triton_kernels import LaunchConfig
 from triton_kernels.gated_mlp import _triton_impl
 
@@ -40,23 +40,20 @@ def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
 
 
-def make_criterion(g: torch.Tensor, flip_err: torch.Tensor, kind: str, sparsity: float):
-    """(threshold, mask) for float64 gate activations g [B, I]; thresholds keep a distance
-    > 2 * flip_err (the largest plausible kernel error of |g|) from every |g|."""
+def make_criterion(g: torch.Tensor, kind: str, sparsity: float):
+    """(threshold, mask) giving about ``sparsity`` for float64 gate activations g [B, I]."""
     B, I = g.shape
-    a = g.abs()
+    a = g.abs().float()
     if kind == "mask":
         return None, rows_with_tokens(B, I, sparsity, g.device.type)
-    if kind == "channel":
-        delta = 0.05 * a.pow(2).mean().sqrt()
-        off = torch.rand(I, device=g.device) < sparsity
-        thr = torch.where(off, a.amax(0) + delta, a.amin(0) - delta)
-        return thr.float(), None
-    rows = [a.flatten()] if kind == "scalar" else list(a)
-    thr, gaps = zip(*(midpoint_threshold(r, sparsity) for r in rows))
-    assert min(gaps) > 4 * flip_err.max().item(), "test data: gap too narrow for the bound"
-    thr = torch.tensor(thr, device=g.device, dtype=torch.float32)
-    return (thr[0], None) if kind == "scalar" else (thr[:, None], None)
+    if sparsity == 0.0:
+        return torch.full((), -1.0, device=g.device), None  # every |g| > -1: all active
+    if kind == "scalar":
+        return torch.quantile(a.flatten(), sparsity), None
+    if kind == "token":
+        return torch.quantile(a, sparsity, dim=1, keepdim=True), None
+    scale = torch.empty(I, device=g.device).uniform_(0.5, 1.5)
+    return torch.quantile(a.flatten(), sparsity) * scale, None
 
 
 @pytest.mark.parametrize("device", devices())
@@ -73,13 +70,16 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     g, u = _act(xd @ wg.t(), act), xd @ wu.t()
     gate_terms, up_terms = xd.abs() @ wg.abs().t(), xd.abs() @ wu.abs().t()
     gate_err = 1.2 * ACC * gate_terms
-    thr, mask = make_criterion(g, 1.2 * 2.0**-22 * gate_terms, kind, sparsity)
+    thr, mask = make_criterion(g, kind, sparsity)
     active = g.abs() > thr.double() if thr is not None else mask
+    either_way = ((g.abs() - thr.double()).abs() <= gate_err if thr is not None
+                  else torch.zeros_like(active))
     y = _triton_impl(x, w_gate, w_up, w_down_t, thr, mask, act, config=cfg,
                      down_config=down_cfg, out=nan_like((batch, H), dtype, device))
     h_ref = torch.where(active, g * u, 0.0).to(dtype).double()
     h_err = torch.where(active, out_ulps(dtype) * h_ref.abs() + g.abs() * ACC * up_terms
                         + u.abs() * gate_err + 2.0**-24, 0.0)
+    h_err = h_err + torch.where(either_way, (1 + out_ulps(dtype)) * (g * u).abs(), 0.0)
     ref = h_ref @ wd
     bound = (out_ulps(dtype) * ref.abs() + h_err @ wd.abs() + ACC * (h_ref.abs() @ wd.abs())
              + 2.0**-24)
@@ -95,10 +95,13 @@ def test_large_batch_and_broadcast_threshold(device):
     w_down_t = weight(H, I, dtype, device).t().contiguous()
     xd, wg, wu, wd = (t.double() for t in (x, w_gate, w_up, w_down_t))
     g, u = F.silu(xd @ wg.t()), xd @ wu.t()
-    thr, _ = make_criterion(g, 1.2 * 2.0**-22 * (xd.abs() @ wg.abs().t()), "channel", 0.5)
+    thr, _ = make_criterion(g, "channel", 0.5)
     y = _triton_impl(x, w_gate, w_up, w_down_t, thr, out=nan_like((B, H), dtype, device))
     h_ref = torch.where(g.abs() > thr.double(), g * u, 0.0).to(dtype).double()
     ref = h_ref @ wd
-    # h may differ by one ulp of fp16 where g*u rounds differently (see module docstring).
-    bound = out_ulps(dtype) * (ref.abs() + 2 * (h_ref.abs() @ wd.abs())) + 2.0**-24
+    # h may differ by one ulp of fp16 where g*u rounds differently, and a neuron within the
+    # gate's summation error of its threshold may go either way (see module docstring).
+    either_way = (g.abs() - thr.double()).abs() <= 1.2 * ACC * (xd.abs() @ wg.abs().t())
+    h_err = 2 * out_ulps(dtype) * h_ref.abs() + torch.where(either_way, 2 * (g * u).abs(), 0.0)
+    bound = out_ulps(dtype) * ref.abs() + h_err @ wd.abs() + 2.0**-24
     assert_within(y, ref, bound, "B=17")
