@@ -1,4 +1,4 @@
-"""Plumbing shared by the sparse decode ops: Triton availability, validation, launch configs, tuning.
+"""Plumbing shared by the sparse decode ops: Triton availability, validation, configs, tuning.
 
 The tuner here replaces ``triton.autotune`` on purpose. ``triton.autotune`` times its configs on
 whatever inputs the first call brings, so a first call at 95% sparsity picks a config that is fast
@@ -9,18 +9,15 @@ key is (op, batch, shape, dtype, device): a new sparsity value never re-tunes.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-try:
-    import triton  # noqa: F401  (only probed here; the kernel modules import it themselves)
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+#: Whether Triton is installed (the kernel modules import it themselves, lazily).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 #: Read once at import, like Triton itself: kernels are built as interpreted functions only when
 #: TRITON_INTERPRET=1 was set before ``triton.jit`` ran.

@@ -105,7 +105,7 @@ def _activation(g, ACT: tl.constexpr):
     if ACT == 0:
         return g * tl.sigmoid(g)
     else:
-        # gelu(tanh approx) = g * (1 + tanh(z)) / 2 = g * sigmoid(2 z), z = sqrt(2/pi)(g + 0.044715 g^3)
+        # gelu_tanh(g) = g (1 + tanh(z)) / 2 = g sigmoid(2 z), z = sqrt(2/pi) (g + 0.044715 g^3)
         return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
 
 

@@ -34,7 +34,8 @@ def _grid(n: int):
 def _ideal(ax, rows: list[dict]) -> None:
     """Byte-bound speedup: needed bytes at dense over needed bytes at this point."""
     pts = sorted((1 - float(r["active_fraction"]), float(r["ideal_speedup"])) for r in rows)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, label="ideal (bytes)")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1,
+            label="ideal: dense bytes / needed bytes (1/(1-s) for a GEMV)")
     ax.axhline(1.0, color="grey", lw=0.8)
 
 

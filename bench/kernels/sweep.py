@@ -128,7 +128,8 @@ def run_case(case: cs.Case, dtype: torch.dtype, batches: list[int], sparsities: 
                          "dense_frac_of_bound": round(dense_bound / dense_us, 3),
                          "rel_err": f"{err:.2e}", "correct": ok, "copies": n})
             r = rows[-1]
-            print(f"{case.label:42s} {r['dtype']:8s} B={batch} s={s:<4} act={r['active_fraction']:.3f}"
+            print(f"{case.label:42s} {r['dtype']:8s} B={batch} s={s:<4} "
+                  f"act={r['active_fraction']:.3f}"
                   f" {us:8.2f}us dense {dense_us:8.2f}us x{r['speedup'] or 'FAIL'}"
                   f" bound {r['frac_of_bound']:.2f}", flush=True)
     del dense, sparse
@@ -155,7 +156,8 @@ def print_tables(rows: list[dict]) -> None:
         print(f"{label:40s}{key[4]:9s}{cells}")
     print("\ntargets (batch 1, 4096x14336 both directions, fp16/bf16):")
     for r in b1:
-        if {r["K"], r["N"]} != {4096, 14336} or r["dtype"] == "float32" or r["op"].startswith("mlp"):
+        if {r["K"], r["N"]} != {4096, 14336} or r["dtype"] == "float32" \
+                or r["op"].startswith("mlp"):
             continue
         s, sp = r["sparsity"], r["speedup"] or 0.0
         misses = []
