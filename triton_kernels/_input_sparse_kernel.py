@@ -140,7 +140,8 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
     B, K = x.shape
     N = w_t.shape[1]
     block_b = 1 if B == 1 else 16
-    span = min(cfg.span, max(cfg.rows, triton.next_power_of_2(K)))
+    # span 0 (or more than K) means one K range: no partial sums.
+    span = min(cfg.span or K, max(cfg.rows, triton.next_power_of_2(K)))
     grid = (triton.cdiv(N, cfg.cols), triton.cdiv(K, span))
     splits = grid[1]
     target = out if splits == 1 else scratch((splits, B, N), torch.float32, x.device)

@@ -1,0 +1,55 @@
+"""The tuner's choice and cache (with a fake clock, so no GPU is needed) and a CPU smoke run of
+the benchmark sweep, so that CI exercises the code the H100 numbers come from."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from triton_kernels import LaunchConfig, _common
+
+
+def test_tuner_picks_smallest_worst_ratio_and_caches(monkeypatch):
+    """A config best at one sparsity but 3x off at another loses to a steady one."""
+    fast_dense, steady = LaunchConfig(16, 64), LaunchConfig(32, 64)
+    times = {(fast_dense, 0.0): 1.0, (fast_dense, 0.5): 1.0, (fast_dense, 0.9): 3.0,
+             (steady, 0.0): 1.1, (steady, 0.5): 1.1, (steady, 0.9): 1.1}
+    calls = []
+
+    def make_bench(sparsity):
+        return lambda cfg: calls.append((cfg, sparsity))
+
+    def fake_time(fn):
+        fn()
+        return times[calls[-1]]
+
+    monkeypatch.setattr(_common, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(_common, "_time_on_device", fake_time)
+    key = ("test", 1, 63, 431, torch.float16, "cpu")
+    monkeypatch.delitem(_common._TUNED, key, raising=False)
+    chosen = _common.tuned_config(key, [fast_dense, steady], make_bench, torch.device("cpu"))
+    assert chosen == steady
+    assert len(calls) == 6  # every candidate at every tuning sparsity, once
+    assert _common.tuned_config(key, [fast_dense, steady], make_bench,
+                                torch.device("cpu")) == steady
+    assert len(calls) == 6  # cached: a second call (any sparsity) does not re-tune
+    assert _common.tuning_log()[-1]["chosen"] == steady
+    monkeypatch.delitem(_common._TUNED, key)
+
+
+def test_sweep_smoke_cpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.kernels import sweep
+
+    out = tmp_path / "sweep.csv"
+    rc = sweep.main(["--device", "cpu", "--models", "tiny", "--batch", "1,3",
+                     "--sparsities", "0,0.5", "--replays", "1", "--dtypes", "fp16",
+                     "--csv", str(out), "--plot", str(tmp_path / "sweep")])
+    assert rc == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    # 6 cases (2 GEMV ops x 2 directions + 2 MLP criteria) x 2 batches x 2 sparsities
+    assert len(rows) == 24
+    assert all(r["correct"] == "True" and r["speedup"] for r in rows)
+    assert (tmp_path / "sweep_batch1.png").exists() and (tmp_path / "sweep_batch.png").exists()
