@@ -15,7 +15,7 @@ from triton_kernels.input_sparse import _triton_impl
 # (threshold kind, (K, N), forced config on the CPU); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
     ("scalar", (63, 431), LaunchConfig(16, 128, 64)),  # one K range: direct store
-    ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges summed by the 2nd kernel
+    ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges meet in the workspace
     ("token", (1023, 97), LaunchConfig(32, 64, 256)),
     ("mask", (4097, 33), LaunchConfig(16, 32, 1024)),  # last K range holds one row
 ]
@@ -93,6 +93,28 @@ def test_all_inactive_gives_zeros(device):
     y = _triton_impl(x, w_t, threshold=torch.tensor(1e9, device=device),
                      out=nan_like((2, 63), torch.bfloat16, device))
     assert torch.equal(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_split_workspace_left_zeroed(device):
+    """Split launches share one zeroed workspace per device; the last program of each column
+    block must hand it back zeroed, or the next call (another shape here) would add garbage."""
+    from triton_kernels._input_sparse_kernel import workspace
+
+    for (K, N), cfg in [((431, 63), LaunchConfig(16, 64, 128)),
+                        ((1023, 97), LaunchConfig(16, 32, 256))]:
+        x = torch.randn(2, K, device=device).to(torch.float16)
+        w_t = weight(K, N, torch.float16, device)
+        thr = torch.tensor(0.5, device=device)
+        for _ in range(2):
+            y = _triton_impl(x, w_t, thr, config=None if device == "cuda" else cfg,
+                             out=nan_like((2, N), torch.float16, device))
+            xa = torch.where(x.float().abs() > thr, x.double(), 0.0)
+            ref = xa @ w_t.double()
+            assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(),
+                                             torch.float16), f"K={K} N={N}")
+        ws, cnt = workspace(x.device, 0, 0)
+        assert not ws.any() and not cnt.any()
 
 
 def test_reference_equals_dense_at_zero_sparsity():
