@@ -38,17 +38,25 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """
     cfg = model.config
     layers = decoder_layers(model)
-    signature = [float(layer_mlp(layer).down_proj.weight.detach().flatten()[:64].float()
-                       .abs().mean()) for layer in layers]
+    down = _down_weight(layers[0])
+    signature = [float(_down_weight(layer).flatten()[:64].float().abs().mean()) for layer in layers]
+    # Shapes come from the weights: multimodal configs keep them in a nested text_config.
     return {
         "model_type": cfg.model_type,
-        "hidden_size": int(cfg.hidden_size),
-        "intermediate_size": int(layer_mlp(layers[0]).down_proj.weight.shape[1]),
+        "hidden_size": int(down.shape[0]),
+        "intermediate_size": int(down.shape[1]),
         "num_layers": len(layers),
-        "vocab_size": int(getattr(cfg, "vocab_size", 0)),
+        "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
         "name_or_path": str(getattr(cfg, "_name_or_path", "")),
         "weight_signature": signature,
     }
+
+
+def _down_weight(layer: nn.Module) -> torch.Tensor:
+    """The down projection weight of a layer, patched or not."""
+    mlp = layer_mlp(layer)
+    mlp = getattr(mlp, "base", mlp)
+    return mlp.down_proj.weight.detach()
 
 
 def check_fingerprint(expected: dict[str, Any], model: nn.Module, weights: bool = True) -> None:

@@ -61,7 +61,8 @@ class LayerObserver:
     def observe(self, name: str, value: torch.Tensor) -> None:
         """Add one signal [..., C] to every statistic that reads it."""
         value = value.detach().reshape(-1, value.shape[-1]).abs()
-        self.nan |= ~torch.isfinite(value).all()
+        # A NaN or inf anywhere makes the sum non-finite; far cheaper than isfinite().all().
+        self.nan |= ~torch.isfinite(value.sum(dtype=torch.float32))
         for s in self.specs:
             if s.signal != name:
                 continue
@@ -112,6 +113,7 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
     try:
         for module, obs in wrappers:
             module.observe = obs.report
+            module.track = False  # calibration passes are not measurements
         device = model.get_input_embeddings().weight.device
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch",
                           disable=not progress):
@@ -119,6 +121,7 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
     finally:
         for module, _ in wrappers:
             module.observe = None
+            module.track = True
     stats: dict[str, torch.Tensor] = {}
     for obs in observers:
         stats.update(obs.finish())

@@ -61,7 +61,7 @@ def _scaffold(model: nn.Module, config: SparsityConfig, method: Method, spec: Fa
 def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str], config: SparsityConfig,
                     n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
                     progress: bool = True, data_name: str = "user texts",
-                    refine: int = 2) -> Calibration:
+                    refine: int = 1) -> Calibration:
     """Observe ``model`` on ``texts`` and fit ``config``'s thresholds.
 
     The first pass observes dense activations; each of ``refine`` further passes observes the

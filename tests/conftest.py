@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random-weight models of every family, and the real built-in model."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Kernel tests run Triton on the CPU through its interpreter; the variable must be set before
+# anything imports triton_kernels (the core may), hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

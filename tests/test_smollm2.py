@@ -16,26 +16,23 @@ METHODS = ("teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk")
 @pytest.fixture(scope="module")
 def heldout(builtin):
     _, tokenizer = builtin
-    return token_windows(tokenizer, load_texts("austen", "eval"), 2048, 512, "evaluation")
+    return token_windows(tokenizer, load_texts("austen", "eval"), 1024, 512, "evaluation")
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("spec", METHODS)
-def test_measured_sparsity_within_two_points_on_heldout_text(spec, builtin, heldout):
+def test_measured_sparsity_within_two_points_on_heldout_text(spec, target, builtin, heldout):
     model, tokenizer = builtin
     name, _, scope = spec.partition(":")
-    dense_ppl = perplexity(model, heldout[:1])
-    sparseffn.sparsify(model, name, TARGETS[0], "austen", tokenizer=tokenizer,
-                       scope=scope or "mlp", n_tokens=8192, progress=False)
+    sparseffn.sparsify(model, name, target, "austen", tokenizer=tokenizer,
+                       scope=scope or "mlp", n_tokens=2048, progress=False)
     try:
-        measured = []
-        for target in TARGETS:
-            sparseffn.set_sparsity(model, target)
-            sparseffn.reset_sparsity_stats(model)
-            ppl = perplexity(model, heldout)
-            measured.append(sparseffn.sparsity_report(model).overall)
-            assert torch.isfinite(torch.tensor(ppl)) and ppl > dense_ppl * 0.9
-        print(spec, [round(m, 4) for m in measured])
-        assert measured == pytest.approx(list(TARGETS), abs=0.02)
+        sparseffn.reset_sparsity_stats(model)
+        perplexity(model, heldout)
+        report = sparseffn.sparsity_report(model)
+        assert report.overall == pytest.approx(target, abs=0.02)
+        # Every layer is gated, none wildly off the target.
+        assert all(abs(s - target) < 0.1 for s in report.per_layer())
     finally:
         sparseffn.unsparsify(model)
 

@@ -1,8 +1,8 @@
 """Quality against sparsity: every method at several levels, on held-out text, in one run.
 
 A method spec is ``name[:scope[:allocation]]``, e.g. ``teal:all``, ``teal:all:greedy``,
-``cats``. Each method is calibrated once; uniform methods then change level from their stored
-statistics (``set_sparsity``), greedy ones recalibrate per level.
+``cats``. Every (method, level) pair is calibrated on its own, so the measured sparsity is the
+one ``sparsify`` gives at that target.
 """
 from __future__ import annotations
 
@@ -68,17 +68,11 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
     log(format_row(rows[-1]))
     for spec in methods:
         kwargs = parse_method(spec)
-        greedy = kwargs.get("allocation") == "greedy"
-        for k, level in enumerate(sparsities):
+        for level in sparsities:
             start = time.time()
-            if k == 0 or greedy:
-                if sparseffn.is_sparsified(model):
-                    sparseffn.unsparsify(model)
-                sparseffn.sparsify(model, sparsity=level, calibration=calibration,
-                                   tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
-                                   progress=False, **kwargs)
-            else:
-                sparseffn.set_sparsity(model, level)
+            sparseffn.sparsify(model, sparsity=level, calibration=calibration,
+                               tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
+                               progress=False, **kwargs)
             sparseffn.reset_sparsity_stats(model)
             # Measured sparsity is read over the perplexity windows only: held-out text.
             ppl = perplexity(model, windows)
@@ -88,7 +82,7 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                                    report.all_bytes_skipped, ppl, accs["next_sentence"],
                                    accs["last_word"], time.time() - start))
             log(format_row(rows[-1]))
-        sparseffn.unsparsify(model)
+            sparseffn.unsparsify(model)
     return rows
 
 
