@@ -117,6 +117,23 @@ def test_split_workspace_left_zeroed(device):
         assert not ws.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("device", devices())
+def test_split_repeated_calls_race_free(device):
+    """Many back-to-back split launches (CUDA: real shape, batch 4, where a missing fence once
+    let the last program read incomplete sums) all match the reference."""
+    K, N, B, calls = (4096, 14336, 4, 30) if device == "cuda" else (431, 63, 4, 3)
+    cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)
+    x = torch.randn(B, K, device=device).to(torch.float16)
+    w_t = weight(K, N, torch.float16, device)
+    thr = torch.zeros((), device=device)
+    ref = x.double() @ w_t.double()
+    bound = gemv_bound(ref, x.double().abs() @ w_t.double().abs(), torch.float16)
+    outs = [_triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), torch.float16, device))
+            for _ in range(calls)]
+    for i, y in enumerate(outs):
+        assert_within(y, ref, bound, f"call {i}")
+
+
 def test_reference_equals_dense_at_zero_sparsity():
     x = torch.randn(3, 63, dtype=torch.float64).float()
     w_t = torch.randn(63, 31)
