@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LaunchConfig, upcast_dot
+from ._common import LaunchConfig, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -56,8 +56,8 @@ def _input_sparse_kernel(
     B, K, N,
     stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk, stride_yb,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FENCE: tl.constexpr,
-    THREADS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -116,15 +116,9 @@ def _input_sparse_kernel(
     if SPLIT:
         ws_ptrs = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptrs, res, mask=ok, sem="relaxed")
-        # The ticket is taken by one thread, so every thread first waits until its own adds
-        # are performed in L2 (fence), then the barrier, then the ticket. With the barrier
-        # alone (H100, 2026-11-23) batch 3-4 results were sometimes wrong (128 of 43008
-        # outputs): the last program read sums that other warps' adds had not reached yet.
-        # The interpreter runs programs one at a time and needs no fence.
-        if FENCE:  # one element per thread: each thread fences once (not pure: never dropped)
-            tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, $1;", "=r,r",
-                                      [tl.arange(0, THREADS)], dtype=tl.int32, is_pure=False,
-                                      pack=1)
+        # The barrier orders every thread's adds before the one thread that takes the ticket,
+        # and the ticket's release/acquire orders them before the last program's reads (the
+        # pattern of a grid-wide barrier).
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if ticket == tl.num_programs(1) - 1:
@@ -187,8 +181,11 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
         x.stride(0), x.stride(1), w_t.stride(0), thr_t.stride(0), thr_t.stride(1),
         mask_t.stride(0), mask_t.stride(1), out.stride(0),
         MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
-        BLOCK_N=cfg.cols, SPLIT=split, FENCE=not INTERPRET,
-        THREADS=32 * cfg.num_warps, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
+        BLOCK_N=cfg.cols, SPLIT=split, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
+        # Batch > 1: no software pipelining of the tl.dot loop. Pipelined, 64-128 of 43008-57344
+        # outputs were wrong now and then at batch 3-4 once the epilogue used atomics (H100,
+        # 2026-11-23); a fence after the adds did not help.
+        num_stages=1 if block_b > 1 else 3,
     )
 
 
