@@ -12,13 +12,8 @@ per tile, as a dense loop does. The first measured version tested activity per t
 loop: its x load -> mask -> weight load chain made every tile two round trips, and at 0.9
 sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 14336, H100,
 2026-11-23).
-With several K ranges the partial sums meet in one kernel: each program adds its fp32 partial
-into a workspace with atomics and takes a ticket from a per-column-block counter; the program
-that draws the last ticket converts the sums to y and leaves workspace and counter zeroed for the
-next call. The version before summed [K ranges, N] partials in a second kernel: that launch, its
-dependent reads and the partial traffic cost 3-5 us per call in a CUDA graph (H100, 2026-11-23),
-which at 0.9 sparsity was a third of the call. The price: fp32 sums in arrival order, so y may
-differ in its last bits between runs (within the fp32-accumulation bound of the tests).
+With several K ranges, programs write fp32 partials that a second kernel sums in a fixed order
+(deterministic, and no zero-filled buffer or atomics).
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, upcast_dot
+from ._common import LaunchConfig, scratch, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -52,12 +47,12 @@ def _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, ok, stride_xb, stride_xk
 
 @triton.jit
 def _input_sparse_kernel(
-    x_ptr, w_ptr, thr_ptr, mask_ptr, idx_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, thr_ptr, mask_ptr, idx_ptr, out_ptr,
     B, K, N,
-    stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk, stride_yb,
+    stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk,
+    stride_os, stride_ob,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -111,48 +106,27 @@ def _input_sparse_kernel(
         res = acc[None, :]
     else:
         res = acc
-    ok = b_ok[:, None] & n_ok[None, :]
-    y_ptrs = y_ptr + offs_b[:, None] * stride_yb + offs_n[None, :]
-    if SPLIT:
-        ws_ptrs = ws_ptr + offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, res, mask=ok, sem="relaxed")
-        # The barrier orders every thread's adds before the one thread that takes the ticket,
-        # and the ticket's release/acquire orders them before the last program's reads (the
-        # pattern of a grid-wide barrier).
-        tl.debug_barrier()
-        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == tl.num_programs(1) - 1:
-            # .cg: the sums live in L2, where the atomics went; never a stale L1 line.
-            tot = tl.load(ws_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=ok)
-            tl.store(ws_ptrs, tl.zeros_like(tot), mask=ok)
-            tl.store(cnt_ptr + pid_n, 0)
-    else:
-        tl.store(y_ptrs, res.to(y_ptr.dtype.element_ty), mask=ok)
+    out_ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_n[None, :]
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
 
 
-_WORKSPACES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-#: Outgrown workspaces stay alive: a CUDA graph captured earlier still points at them.
-_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
+@triton.jit
+def _sum_splits_kernel(p_ptr, y_ptr, S, M, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+    """y[m] = sum_s p[s, m] in fp32, in a fixed order; p is [S, M] contiguous.
 
-
-def workspace(device: torch.device, sums: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 sums [>= sums], int32 tickets [>= counters]) of ``device``, both all zero.
-
-    Allocated zeroed once per device (grown when a larger call comes) and shared by every
-    split launch on it: the kernel that uses them leaves them zeroed. So launches that split K
-    must not run concurrently on two streams of one device; kernels of one stream (a decode
-    step, a CUDA graph) run one after another and are safe.
+    Each program sums BLOCK_S partials per step: a first version loaded one partial per step
+    and its chain of S dependent loads took longer than the GEMV itself when S was 112
+    (14336 -> 4096 at 0.9 sparsity: 23 us, H100, 2026-11-23).
     """
-    key = str(device)
-    ws, cnt = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.numel() < sums or cnt.numel() < counters:
-        if ws is not None:
-            _RETIRED.append((ws, cnt))
-        ws = torch.zeros(max(sums, 1 << 16), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(counters, 1024), dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (ws, cnt)
-    return ws, cnt
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
+        acc += tl.sum(tl.load(p_ptr + (s0 + offs_s)[:, None] * M + offs_m[None, :], mask=ok,
+                              other=0.0), axis=0)
+    tl.store(y_ptr + offs_m, acc.to(y_ptr.dtype.element_ty), mask=m_ok)
 
 
 def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
@@ -169,24 +143,26 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
     # span 0 (or more than K) means one K range: no partial sums.
     span = min(cfg.span or K, max(cfg.rows, triton.next_power_of_2(K)))
     grid = (triton.cdiv(N, cfg.cols), triton.cdiv(K, span))
-    split = grid[1] > 1
-    ws, cnt = workspace(x.device, B * N, grid[0]) if split else (out, out)
+    splits = grid[1]
+    target = out if splits == 1 else scratch((splits, B, N), torch.float32, x.device)
     idx = torch.empty(grid[0] * grid[1] * span, dtype=torch.int32, device=x.device)
     # Unused pointers (by MODE) are given x so that no placeholder tensor is allocated per call.
     thr_t = thr if thr is not None else x
     mask_t = mask.view(torch.uint8) if mask is not None else x
     _input_sparse_kernel[grid](
-        x, w_t, thr_t, mask_t, idx, out, ws, cnt,
+        x, w_t, thr_t, mask_t, idx, target,
         B, K, N,
         x.stride(0), x.stride(1), w_t.stride(0), thr_t.stride(0), thr_t.stride(1),
-        mask_t.stride(0), mask_t.stride(1), out.stride(0),
+        mask_t.stride(0), mask_t.stride(1),
+        0 if splits == 1 else target.stride(0), target.stride(-2),
         MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
-        BLOCK_N=cfg.cols, SPLIT=split, UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
-        # Batch > 1: no software pipelining of the tl.dot loop. Pipelined, 64-128 of 43008-57344
-        # outputs were wrong now and then at batch 3-4 once the epilogue used atomics (H100,
-        # 2026-11-23); a fence after the adds did not help.
-        num_stages=1 if block_b > 1 else 3,
+        BLOCK_N=cfg.cols,
+        UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
     )
+    if splits > 1:
+        m = out.numel()
+        _sum_splits_kernel[(triton.cdiv(m, 64),)](target, out, splits, m, BLOCK_S=32,
+                                                  BLOCK_M=64, num_warps=4)
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
@@ -195,13 +171,11 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
     (rows, cols, warps, programs per SM): batch-1 tiles are 256 * num_warps columns wide (see
     the kernel), tl.dot needs >= 16 rows. The programs per SM set the span; several are tried
     because the best one depends on how many programs fit an SM at once (registers) and on
-    the last, partial wave of programs; since K ranges meet through atomics rather than a
-    [K ranges, N] buffer, more ranges (24 programs per SM) cost little and are tried too.
+    the last, partial wave of programs.
     """
     if batch == 1:
-        tiles = [(16, 1024, 4, 6), (16, 1024, 4, 3), (16, 1024, 4, 12), (16, 1024, 4, 24),
-                 (8, 1024, 4, 6), (8, 1024, 4, 12), (8, 1024, 4, 24), (16, 512, 2, 6),
-                 (16, 512, 2, 12), (16, 2048, 8, 3)]
+        tiles = [(16, 1024, 4, 6), (16, 1024, 4, 3), (16, 1024, 4, 12), (8, 1024, 4, 6),
+                 (8, 1024, 4, 12), (16, 512, 2, 6), (16, 512, 2, 12), (16, 2048, 8, 3)]
     else:
         tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
                  (16, 128, 4, 6)]

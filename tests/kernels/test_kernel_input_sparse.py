@@ -15,7 +15,7 @@ from triton_kernels.input_sparse import _triton_impl
 # (threshold kind, (K, N), forced config on the CPU); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
     ("scalar", (63, 431), LaunchConfig(16, 128, 64)),  # one K range: direct store
-    ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges meet in the workspace
+    ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges summed by the 2nd kernel
     ("token", (1023, 97), LaunchConfig(32, 64, 256)),
     ("mask", (4097, 33), LaunchConfig(16, 32, 1024)),  # last K range holds one row
 ]
@@ -96,32 +96,11 @@ def test_all_inactive_gives_zeros(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_split_workspace_left_zeroed(device):
-    """Split launches share one zeroed workspace per device; the last program of each column
-    block must hand it back zeroed, or the next call (another shape here) would add garbage."""
-    from triton_kernels._input_sparse_kernel import workspace
-
-    for (K, N), cfg in [((431, 63), LaunchConfig(16, 64, 128)),
-                        ((1023, 97), LaunchConfig(16, 32, 256))]:
-        x = torch.randn(2, K, device=device).to(torch.float16)
-        w_t = weight(K, N, torch.float16, device)
-        thr = torch.tensor(0.5, device=device)
-        for _ in range(2):
-            y = _triton_impl(x, w_t, thr, config=None if device == "cuda" else cfg,
-                             out=nan_like((2, N), torch.float16, device))
-            xa = torch.where(x.float().abs() > thr, x.double(), 0.0)
-            ref = xa @ w_t.double()
-            assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(),
-                                             torch.float16), f"K={K} N={N}")
-        ws, cnt = workspace(x.device, 0, 0)
-        assert not ws.any() and not cnt.any()
-
-
-@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("B", [1, 4])
 def test_split_repeated_calls_race_free(device, B):
-    """Many back-to-back split launches all match the reference (CUDA: real shape; batch 4 is
-    where a pipelined tl.dot loop once gave wrong sums now and then)."""
+    """Many back-to-back launches that split K all match the reference (CUDA: real shape).
+    A single-kernel variant whose K ranges met through atomics passed single calls but gave
+    wrong sums now and then over 30 calls at batch 4 (docs/kernels.md): repeat, don't sample."""
     K, N, calls = (4096, 14336, 30) if device == "cuda" else (431, 63, 3)
     cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)
     x = torch.randn(B, K, device=device).to(torch.float16)
