@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibrate.artifact import layer_entries
 from sparseffn.config import SparsityConfig
 from sparseffn.families import FamilySpec, decoder_layers, layer_attn, layer_mlp
 from sparseffn.methods import Method
@@ -83,8 +84,7 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config
         for module in layer.modules():
             if isinstance(module, (SparseGatedMLP, SparseLinear)):
                 module.track = False  # search passes are not measurements
-        prefix = f"layers.{i}."
-        layer_stats = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+        layer_stats = layer_entries(stats, i)
         size = {}
         for s in sites:
             module, name = _site_module(spec, layer, s)

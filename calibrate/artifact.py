@@ -87,6 +87,12 @@ def check_fingerprint(expected: dict[str, Any], model: nn.Module, weights: bool 
         )
 
 
+def layer_entries(mapping: dict[str, Any], layer: int) -> dict[str, Any]:
+    """The entries ``layers.{layer}.{name}`` of ``mapping``, keyed by ``name``."""
+    prefix = f"layers.{layer}."
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
 @dataclass
 class Calibration:
     """Fitted sparsity state of one model.
@@ -109,12 +115,7 @@ class Calibration:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def layer_thresholds(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = f"layers.{layer}."
-        return {k[len(prefix):]: v for k, v in self.thresholds.items() if k.startswith(prefix)}
-
-    def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = f"layers.{layer}."
-        return {k[len(prefix):]: v for k, v in self.stats.items() if k.startswith(prefix)}
+        return layer_entries(self.thresholds, layer)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the artifact folder ``path``; refuses to replace a non-calibration folder."""

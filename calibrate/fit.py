@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from calibrate.allocate import greedy_sparsities
-from calibrate.artifact import Calibration, model_fingerprint
+from calibrate.artifact import Calibration, layer_entries, model_fingerprint
 from calibrate.collect import collect_statistics
 from sparseffn.config import SparsityConfig
 from sparseffn.data import token_windows
@@ -44,9 +44,7 @@ def fit_thresholds(method: Method, stats: dict[str, torch.Tensor],
     out = {}
     for key, sparsity in sparsities.items():
         _, layer, site = key.split(".", 2)
-        prefix = f"layers.{layer}."
-        layer_stats = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
-        out[key] = method.fit(layer_stats, site, sparsity)
+        out[key] = method.fit(layer_entries(stats, int(layer)), site, sparsity)
     return out
 
 

@@ -109,7 +109,3 @@ def cdf_at(hist: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     out = torch.where(pos < 0, cdf[:, 0], out)
     return torch.where(pos >= bins, cdf[:, bins], out)
 
-
-def histogram_mass(hist: torch.Tensor) -> torch.Tensor:
-    """Number of values counted per row, float64 [rows]."""
-    return hist.double().sum(-1)

@@ -118,12 +118,3 @@ def gate_and_up(spec: FamilySpec, mlp: nn.Module, x_gate: torch.Tensor,
 def activation(spec: FamilySpec, mlp: nn.Module) -> nn.Module:
     return getattr(mlp, spec.act_attr)
 
-
-def mlp_weight(spec: FamilySpec, mlp: nn.Module, part: str) -> torch.Tensor:
-    """Weight of ``part`` in {"gate", "up", "down"}: gate/up [I, H], down [H, I]."""
-    if part == "down":
-        return mlp.down_proj.weight
-    if spec.fused_gate_up:
-        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
-        return gate if part == "gate" else up
-    return getattr(mlp, f"{part}_proj").weight

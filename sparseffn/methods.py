@@ -69,6 +69,9 @@ class Method(ABC):
     name: str
     needs_calibration: bool = True
 
+    def __init__(self, spec: FamilySpec) -> None:
+        self.spec = spec
+
     def sites(self, spec: FamilySpec, scope: str) -> tuple[str, ...]:
         """Gated sites of one decoder layer for ``scope`` in {"mlp", "all"}."""
         return (ACT_SITE,)
@@ -104,11 +107,7 @@ class Teal(_InputMethod):
         return tuple(StatSpec(f"hist.{sig}", sig, "hist") for sig in signals)
 
     def fit(self, stats: dict[str, torch.Tensor], site: str, sparsity: float) -> torch.Tensor:
-        return quantile(stats[f"hist.{self._signal[site]}"], sparsity)[0]
-
-    def bind(self, spec: FamilySpec) -> "Teal":
-        self._signal = {s: signal_of(spec, s) for s in spec.linear_sites}
-        return self
+        return quantile(stats[f"hist.{signal_of(self.spec, site)}"], sparsity)[0]
 
 
 class Wina(_InputMethod):
@@ -185,7 +184,5 @@ class TopK(Method):
 
 def get_method(name: str, spec: FamilySpec) -> Method:
     """The method called ``name``, bound to the model family ``spec``."""
-    if name == "teal":
-        return Teal().bind(spec)
-    classes = {"wina": Wina, "cats": Cats, "chess": Chess, "topk": TopK}
-    return classes[name]()
+    classes = {"teal": Teal, "wina": Wina, "cats": Cats, "chess": Chess, "topk": TopK}
+    return classes[name](spec)

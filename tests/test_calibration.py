@@ -54,7 +54,7 @@ def test_chess_thresholds_scale_inversely_with_up_magnitude():
     hist = new_histogram(6, CHANNEL_BINS)
     update_histogram(hist, act)
     stats = {"hist_channel.act": hist, "mean.up": up_mean}
-    t = Chess().fit(stats, "act", 0.5)
+    t = Chess(FAMILIES[0]).fit(stats, "act", 0.5)
     # One importance quantile q: t_i * E|up_i| is the same for every channel.
     assert torch.allclose(t * up_mean, (t * up_mean)[0].expand(6), rtol=1e-5)
     assert (act <= t).float().mean().item() == pytest.approx(0.5, abs=0.01)
@@ -67,7 +67,7 @@ def test_wina_threshold_is_per_channel_division_by_column_norm():
     hist = new_histogram(1, POOLED_BINS)
     colnorm = torch.tensor([0.5, 1.0, 2.0, 4.0])
     update_histogram(hist, scores * colnorm)
-    t = Wina().fit({"hist.q_proj": hist, "colnorm.q_proj": colnorm}, "q_proj", 0.6)
+    t = Wina(FAMILIES[0]).fit({"hist.q_proj": hist, "colnorm.q_proj": colnorm}, "q_proj", 0.6)
     assert t.shape == (4,)
     assert ((scores <= t).float().mean().item()) == pytest.approx(0.6, abs=3e-3)
 
