@@ -12,8 +12,14 @@ per tile, as a dense loop does. The first measured version tested activity per t
 loop: its x load -> mask -> weight load chain made every tile two round trips, and at 0.9
 sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 14336, H100,
 2026-11-23).
-With several K ranges, programs write fp32 partials that a second kernel sums in a fixed order
-(deterministic, and no zero-filled buffer or atomics).
+With several K ranges, each program adds its fp32 partial into a zero-filled fp32 [B, N]
+accumulator that this launch allocated (``tl.atomic_add``, relaxed), and ``copy_`` casts it to y
+afterwards (fp32 outputs are zeroed and take the atomics directly). Stream order alone separates
+the fill, the adds and the cast: no program reads what another wrote, so there is no ticket, no
+last-program logic and no ordering hazard (a ticketed one-kernel version was intermittently wrong
+at batch 3-4, docs/kernels.md). The fp32 order of the adds varies between runs, so y may differ in
+its last bit between identical calls. Against a second kernel summing [K ranges, B, N] partials in
+a fixed order it was 3-12% faster at sparsity 0 and 5-21% at 0.5 (H100, 2026-11-23).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, scratch, upcast_dot
+from ._common import LaunchConfig, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -50,9 +56,10 @@ def _input_sparse_kernel(
     x_ptr, w_ptr, thr_ptr, mask_ptr, idx_ptr, out_ptr,
     B, K, N,
     stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk,
-    stride_os, stride_ob,
+    stride_ob,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -106,27 +113,12 @@ def _input_sparse_kernel(
         res = acc[None, :]
     else:
         res = acc
-    out_ptrs = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_n[None, :]
-    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(p_ptr, y_ptr, S, M, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
-    """y[m] = sum_s p[s, m] in fp32, in a fixed order; p is [S, M] contiguous.
-
-    Each program sums BLOCK_S partials per step: a first version loaded one partial per step
-    and its chain of S dependent loads took longer than the GEMV itself when S was 112
-    (14336 -> 4096 at 0.9 sparsity: 23 us, H100, 2026-11-23).
-    """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_s = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
-        acc += tl.sum(tl.load(p_ptr + (s0 + offs_s)[:, None] * M + offs_m[None, :], mask=ok,
-                              other=0.0), axis=0)
-    tl.store(y_ptr + offs_m, acc.to(y_ptr.dtype.element_ty), mask=m_ok)
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    out_ok = b_ok[:, None] & n_ok[None, :]
+    if ATOMIC:  # one of several K ranges: add into the zeroed fp32 accumulator
+        tl.atomic_add(out_ptrs, res, mask=out_ok, sem="relaxed")
+    else:
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
@@ -140,11 +132,17 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
     B, K = x.shape
     N = w_t.shape[1]
     block_b = 1 if B == 1 else 16
-    # span 0 (or more than K) means one K range: no partial sums.
+    # span 0 (or more than K) means one K range: y is stored directly, no atomics.
     span = min(cfg.span or K, max(cfg.rows, triton.next_power_of_2(K)))
     grid = (triton.cdiv(N, cfg.cols), triton.cdiv(K, span))
     splits = grid[1]
-    target = out if splits == 1 else scratch((splits, B, N), torch.float32, x.device)
+    atomic = splits > 1
+    if not atomic:
+        target = out
+    elif out.dtype == torch.float32:
+        target = out.zero_()
+    else:
+        target = torch.zeros((B, N), dtype=torch.float32, device=x.device)
     idx = torch.empty(grid[0] * grid[1] * span, dtype=torch.int32, device=x.device)
     # Unused pointers (by MODE) are given x so that no placeholder tensor is allocated per call.
     thr_t = thr if thr is not None else x
@@ -154,15 +152,13 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
         B, K, N,
         x.stride(0), x.stride(1), w_t.stride(0), thr_t.stride(0), thr_t.stride(1),
         mask_t.stride(0), mask_t.stride(1),
-        0 if splits == 1 else target.stride(0), target.stride(-2),
+        target.stride(0),
         MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
         BLOCK_N=cfg.cols,
-        UPCAST_DOT=upcast_dot(x.dtype), num_warps=cfg.num_warps,
+        UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, num_warps=cfg.num_warps,
     )
-    if splits > 1:
-        m = out.numel()
-        _sum_splits_kernel[(triton.cdiv(m, 64),)](target, out, splits, m, BLOCK_S=32,
-                                                  BLOCK_M=64, num_warps=4)
+    if target is not out:
+        out.copy_(target)
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
