@@ -69,7 +69,8 @@ class NextSentenceTask:
 
     def __init__(self, tokenizer, texts: list[str], n_items: int = 200, seed: int = 0) -> None:
         rng = random.Random(seed)
-        docs = [d for d in sentences(texts) if len(d) >= 3]
+        # Sentences of at most 25 words keep the 4 scored sequences per item short.
+        docs = [d for d in sentences(texts, max_words=25) if len(d) >= 3]
         pool = [s for d in docs for s in d]
         triples = [(d[i - 2], d[i - 1], d[i]) for d in docs for i in range(2, len(d))]
         rng.shuffle(triples)
