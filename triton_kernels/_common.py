@@ -88,22 +88,30 @@ def check_matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.
         )
 
 
+def _broadcast_view(t: torch.Tensor, name: str, rows: int, cols: int, device: torch.device,
+                    what: str, hint: str) -> torch.Tensor:
+    """``t`` as a [rows, cols] view (stride 0 where it broadcasts), or a ValueError."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    try:
+        shape = torch.broadcast_shapes(t.shape, (rows, cols))
+    except RuntimeError as err:
+        raise ValueError(f"{name} of shape {list(t.shape)} does not broadcast to "
+                         f"[{rows}, {cols}] ({what}){hint}") from err
+    if tuple(shape) != (rows, cols):
+        raise ValueError(f"{name} of shape {list(t.shape)} would broadcast to {list(shape)}, "
+                         f"not [{rows}, {cols}] ({what})")
+    return t.expand(rows, cols)
+
+
 def expand_threshold(threshold: torch.Tensor, rows: int, cols: int, device: torch.device,
                      what: str) -> torch.Tensor:
     """Return ``threshold`` as a float32 [rows, cols] view (stride 0 where it broadcasts)."""
     if not isinstance(threshold, torch.Tensor) or not threshold.is_floating_point():
         raise ValueError("threshold must be a floating-point tensor (float32 preferred)")
-    if threshold.device != device:
-        raise ValueError(f"threshold is on {threshold.device} but x is on {device}")
-    try:
-        shape = torch.broadcast_shapes(threshold.shape, (rows, cols))
-    except RuntimeError as err:
-        raise ValueError(f"threshold of shape {list(threshold.shape)} does not broadcast to "
-                         f"[{rows}, {cols}] ({what}): use [], [{cols}] or [{rows}, 1]") from err
-    if tuple(shape) != (rows, cols):
-        raise ValueError(f"threshold of shape {list(threshold.shape)} would broadcast to "
-                         f"{list(shape)}, not [{rows}, {cols}] ({what})")
-    return threshold.to(torch.float32).expand(rows, cols)
+    hint = f": use [], [{cols}] or [{rows}, 1]"
+    return _broadcast_view(threshold.to(torch.float32), "threshold", rows, cols, device, what,
+                           hint)
 
 
 def expand_mask(mask: torch.Tensor, rows: int, cols: int, device: torch.device,
@@ -111,17 +119,7 @@ def expand_mask(mask: torch.Tensor, rows: int, cols: int, device: torch.device,
     """Return a bool mask as a [rows, cols] view (stride 0 where it broadcasts)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError("mask must be a bool tensor")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but x is on {device}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, (rows, cols))
-    except RuntimeError as err:
-        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to "
-                         f"[{rows}, {cols}] ({what})") from err
-    if tuple(shape) != (rows, cols):
-        raise ValueError(f"mask of shape {list(mask.shape)} would broadcast to {list(shape)}, "
-                         f"not [{rows}, {cols}] ({what})")
-    return mask.expand(rows, cols)
+    return _broadcast_view(mask, "mask", rows, cols, device, what, "")
 
 
 def exactly_one(threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
