@@ -27,7 +27,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
     """Make ``model`` activation-sparse in place and return it.
 
     Args:
-        model: a transformers causal LM of a registered family (``sparseffn.SUPPORTED_MODEL_TYPES``).
+        model: a transformers causal LM of a registered family
+            (``sparseffn.SUPPORTED_MODEL_TYPES``).
         method: "teal", "wina", "cats", "chess" or "topk" (default "chess"; ignored when
             loading a saved calibration, which carries its method).
         sparsity: target fraction in [0, 1) (default 0.5). With a saved calibration, a value

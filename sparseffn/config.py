@@ -59,7 +59,8 @@ class SparsityConfig:
                 f"projections too) needs one of {INPUT_METHODS}. Use scope='mlp'."
             )
         if self.allocation not in ALLOCATIONS:
-            raise SparseFFNError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+            raise SparseFFNError(
+                f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.allocation == "greedy" and self.method not in INPUT_METHODS:
             raise SparseFFNError(
                 f"greedy allocation shares sparsity among a layer's projections, so it needs one "

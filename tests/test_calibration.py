@@ -16,7 +16,8 @@ from sparseffn.methods import Chess, Wina
 
 def lognormal(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.exp(torch.randn(shape, generator=g) * 2.0) * torch.sign(torch.randn(shape, generator=g))
+    magnitude = torch.exp(torch.randn(shape, generator=g) * 2.0)
+    return magnitude * torch.sign(torch.randn(shape, generator=g))
 
 
 @pytest.mark.parametrize("q", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])

@@ -121,7 +121,8 @@ class LastWordTask:
     def evaluate(self, model: nn.Module, batch_size: int = 16) -> float:
         tok = self.tokenizer
         rows = [(tok(ctx, add_special_tokens=False)["input_ids"],
-                 tok(" " + word, add_special_tokens=False)["input_ids"]) for ctx, word in self.items]
+                 tok(" " + word, add_special_tokens=False)["input_ids"])
+                for ctx, word in self.items]
         scores = _target_scores(model, rows, tok.pad_token_id or 0, batch_size)
         return sum(hit for _, hit in scores) / len(scores)
 
