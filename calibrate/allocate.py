@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from calibrate.artifact import layer_entries
 from sparseffn.config import SparsityConfig
-from sparseffn.families import FamilySpec, decoder_layers, layer_attn, layer_mlp
+from sparseffn.families import FamilySpec, decoder_layers
 from sparseffn.methods import Method
-from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.patching import set_site_threshold, site_counter
+from sparseffn.report import track_sparsity
 
 MAX_SITE_SPARSITY = 0.95
 
@@ -45,23 +46,6 @@ def _capture_layer_inputs(model: nn.Module, windows: torch.Tensor) -> list[tuple
     return captured
 
 
-def _site_module(spec: FamilySpec, layer: nn.Module, site: str) -> tuple[nn.Module, str | None]:
-    mlp = layer_mlp(layer)
-    if isinstance(mlp, SparseGatedMLP) and site in mlp.sites:
-        return mlp, site
-    module = getattr(layer_attn(layer), site)
-    assert isinstance(module, SparseLinear)
-    return module, None
-
-
-def _set(spec: FamilySpec, layer: nn.Module, site: str, value: torch.Tensor) -> None:
-    module, name = _site_module(spec, layer, site)
-    if name is None:
-        module.set_threshold(value)
-    else:
-        module.set_threshold(name, value)
-
-
 def _run(layer: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
     out = layer(*inputs[0], **inputs[1])
     return (out[0] if isinstance(out, tuple) else out).float()
@@ -78,17 +62,14 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config
     layers = decoder_layers(model)
     sites = method.sites(spec, config.scope)
     inputs = _capture_layer_inputs(model, windows)
+    track_sparsity(model, False)  # search passes are not measurements
     result: dict[str, float] = {}
     for i in tqdm(range(len(layers)), desc="greedy allocation", disable=not progress):
         layer = layers[i]
-        for module in layer.modules():
-            if isinstance(module, (SparseGatedMLP, SparseLinear)):
-                module.track = False  # search passes are not measurements
         layer_stats = layer_entries(stats, i)
         size = {}
         for s in sites:
-            module, name = _site_module(spec, layer, s)
-            size[s] = (module.counters[name] if name else module.counter).covered_elements
+            size[s] = site_counter(layer, s).covered_elements
         total = sum(size.values())
         target = config.target_for_layer(i) * total
         level = dict.fromkeys(sites, 0.0)
@@ -102,9 +83,9 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config
                 if level[s] >= MAX_SITE_SPARSITY:
                     continue
                 step = min(config.greedy_step, MAX_SITE_SPARSITY - level[s], needed / size[s])
-                _set(spec, layer, s, method.fit(layer_stats, s, level[s] + step))
+                set_site_threshold(layer, s, method.fit(layer_stats, s, level[s] + step))
                 err = float((_run(layer, inputs[i]) - dense).pow(2).mean() / scale)
-                _set(spec, layer, s, method.fit(layer_stats, s, level[s]))
+                set_site_threshold(layer, s, method.fit(layer_stats, s, level[s]))
                 cost = (err - current_err) / (step * size[s])
                 if best is None or cost < best[0]:
                     best = (cost, s, step, err)
@@ -112,6 +93,6 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config
                 break
             _, s, step, current_err = best
             level[s] += step
-            _set(spec, layer, s, method.fit(layer_stats, s, level[s]))
+            set_site_threshold(layer, s, method.fit(layer_stats, s, level[s]))
         result.update({f"layers.{i}.{s}": level[s] for s in sites})
     return result

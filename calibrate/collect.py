@@ -18,6 +18,7 @@ from sparseffn.errors import CalibrationError
 from sparseffn.families import FamilySpec, decoder_layers, layer_attn, layer_mlp
 from sparseffn.methods import Method, StatSpec, signal_of
 from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.patching import sparse_modules
 
 MLP_SIGNALS = ("mlp_in", "act", "up", "down_in")
 
@@ -108,8 +109,7 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
     specs = method.stat_specs(spec, scope)
     layers = decoder_layers(model)
     observers = [LayerObserver(i, layer, spec, specs) for i, layer in enumerate(layers)]
-    wrappers = [(m, obs) for layer, obs in zip(layers, observers) for m in layer.modules()
-                if isinstance(m, (SparseGatedMLP, SparseLinear))]
+    wrappers = [(m, observers[i]) for i, m in sparse_modules(model)]
     try:
         for module, obs in wrappers:
             module.observe = obs.report

@@ -39,12 +39,12 @@ class SiteCounter(nn.Module):
         self.total.zero_()
 
 
-def _mask_input(x: torch.Tensor, threshold: torch.Tensor, counter: SiteCounter | None,
+def _mask_input(x: torch.Tensor, threshold: torch.Tensor, counter: SiteCounter,
                 track: bool) -> torch.Tensor:
     mask = x.abs() > threshold
-    if track and counter is not None:
+    if track:
         counter.count(mask)
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(mask, x, 0)
 
 
 class SparseLinear(nn.Module):
@@ -147,7 +147,7 @@ class SparseGatedMLP(nn.Module):
                 mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)
             if self.track:
                 self.counters["act"].count(mask)
-            h = torch.where(mask, act * up, torch.zeros((), dtype=act.dtype, device=act.device))
+            h = torch.where(mask, act * up, 0)
         else:
             h = act * up
         if observe is not None:

@@ -14,7 +14,7 @@ from torch import nn
 from calibrate.artifact import Calibration
 from sparseffn.errors import PatchStateError
 from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
-from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.modules import SiteCounter, SparseGatedMLP, SparseLinear
 
 STATE_ATTR = "_sparseffn_state"
 
@@ -82,23 +82,39 @@ def sparse_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return out
 
 
+def site_wrapper(layer: nn.Module, site: str) -> nn.Module:
+    """The installed wrapper that gates ``site`` of a decoder layer."""
+    mlp = layer_mlp(layer)
+    if isinstance(mlp, SparseGatedMLP) and site in mlp.sites:
+        return mlp
+    module = getattr(layer_attn(layer), site, None)
+    if not isinstance(module, SparseLinear):
+        raise PatchStateError(f"site {site!r} is not gated in this layer")
+    return module
+
+
+def site_counter(layer: nn.Module, site: str) -> SiteCounter:
+    wrapper = site_wrapper(layer, site)
+    return wrapper.counters[site] if isinstance(wrapper, SparseGatedMLP) else wrapper.counter
+
+
+def set_site_threshold(layer: nn.Module, site: str, value: torch.Tensor) -> None:
+    """Set the threshold of one gated site (for top-k: its sparsity) in place."""
+    wrapper = site_wrapper(layer, site)
+    if isinstance(wrapper, SparseLinear):
+        wrapper.set_threshold(value)
+    elif site == "act" and wrapper.topk_sparsity is not None:
+        wrapper.topk_sparsity = float(value)
+    else:
+        wrapper.set_threshold(site, value)
+
+
 def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
     """Load ``calibration``'s thresholds into the installed wrappers (same sites)."""
     state = patch_state(model)
     for i, layer in enumerate(decoder_layers(model)):
-        thresholds = calibration.layer_thresholds(i)
-        mlp = layer_mlp(layer)
-        if isinstance(mlp, SparseGatedMLP):
-            if mlp.topk_sparsity is not None:
-                mlp.topk_sparsity = float(thresholds["act"])
-            for site in mlp.sites:
-                if mlp.threshold(site) is not None:
-                    mlp.set_threshold(site, thresholds[site])
-        attn = layer_attn(layer)
-        for site in (*state.spec.attn_in, state.spec.attn_out):
-            module = getattr(attn, site)
-            if isinstance(module, SparseLinear):
-                module.set_threshold(thresholds[site])
+        for site, value in calibration.layer_thresholds(i).items():
+            set_site_threshold(layer, site, value)
     state.calibration = calibration
 
 
