@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Activation sparsity (TEAL, CATS, CHESS, WINA, top-k) for Hugging Face models, "
     "with Triton kernels that skip inactive weights during decoding",
-    packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*"]),
+    packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*", "bench*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -20,6 +20,10 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "rdata"]},
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "rdata", "accelerate>=1.0"],
+        # sparseffn.finetune: the Trainer needs accelerate (peft is a core dependency)
+        "finetune": ["accelerate>=1.0"],
+    },
     entry_points={"console_scripts": ["sparseffn=sparseffn.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: ``sparseffn calibrate | eval | demo``.
+"""Command line: ``sparseffn calibrate | eval | demo | finetune | bench e2e``.
 
 Every command works offline on the built-in model (``--model builtin``, the default) and
 built-in text; ``--model`` also takes any local Hugging Face folder or hub name.
@@ -111,6 +111,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\ndone in {time.time() - start:.0f} s")
 
 
+def cmd_bench_e2e(args: argparse.Namespace) -> None:
+    from bench.e2e.run import run_from_args
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparseffn.config import ALLOCATIONS, METHODS, SCOPES
     parser = argparse.ArgumentParser(prog="sparseffn", description=__doc__,
@@ -154,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_demo)
+
+    from sparseffn.finetune.cli import add_parser as add_finetune_parser
+    add_finetune_parser(sub)
+
+    p = sub.add_parser("bench", help="benchmarks (see bench/)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from bench.e2e.run import build_parser as e2e_parser
+    e2e = bench.add_parser("e2e", help="end-to-end decode speed, dense against sparse, on a "
+                                       "random-weight model of a real shape (needs a GPU)")
+    e2e_parser(e2e)
+    e2e.set_defaults(func=cmd_bench_e2e)
     return parser
 
 

@@ -6,6 +6,10 @@ is the reference path: masked dense torch ops, any batch and sequence length, an
 device. Threshold tests are strict: an input (or neuron) is active when its magnitude is
 ``> threshold``, so a zero threshold keeps everything but exact zeros.
 
+On a decode step (one new token per sequence) the wrappers call the Triton kernels instead
+(``sparseffn.decode``): same thresholds, same test, weights of inactive neurons never read. The
+reference path is the definition; the kernel path is checked against it.
+
 Every gated site counts active and total entries (int64 buffers, updated on the device) for
 measured-sparsity reports; ``track = False`` turns counting off. During calibration an
 ``observe(site, value)`` callback sees each gated quantity before its mask, so thresholds are
@@ -16,19 +20,22 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sparseffn import decode, layout
 from sparseffn.families import FamilySpec, activation, gate_and_up
 
 
 class SiteCounter(nn.Module):
     """Active/total counts of one gated site, plus the weight elements it covers."""
 
-    def __init__(self, covered_elements: int) -> None:
+    def __init__(self, covered_elements: int, device: torch.device) -> None:
         super().__init__()
         self.covered_elements = covered_elements
-        self.register_buffer("active", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("total", torch.zeros((), dtype=torch.int64), persistent=False)
+        for name in ("active", "total"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device),
+                                 persistent=False)
 
     def count(self, mask: torch.Tensor) -> None:
         self.active += mask.sum()
@@ -39,15 +46,105 @@ class SiteCounter(nn.Module):
         self.total.zero_()
 
 
+def above(magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``magnitude > threshold`` compared in fp32, as the kernels compare.
+
+    A 0-dim threshold would be rounded to a bf16/fp16 ``magnitude``'s dtype first (0-dim
+    tensors do not take part in type promotion); as a [1] tensor it promotes the comparison.
+    """
+    return magnitude > (threshold if threshold.dim() else threshold.reshape(1))
+
+
 def _mask_input(x: torch.Tensor, threshold: torch.Tensor, counter: SiteCounter,
                 track: bool) -> torch.Tensor:
-    mask = x.abs() > threshold
+    mask = above(x.abs(), threshold)
     if track:
         counter.count(mask)
     return torch.where(mask, x, 0)
 
 
-class SparseLinear(nn.Module):
+def own_copy(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy on ``device`` that shares no memory with ``value`` (thresholds are
+    updated in place, which must never reach the Calibration they came from)."""
+    return value.detach().to(device=device, dtype=torch.float32, copy=True)
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a threshold buffer, in place when the shape allows: a compiled model (and its CUDA
+    graphs) keeps reading the same tensor, so a new sparsity level needs no recompilation."""
+    old = getattr(module, name)
+    value = own_copy(value, old.device)
+    if value.shape == old.shape:
+        with torch.no_grad():
+            old.copy_(value)
+    else:
+        setattr(module, name, value)
+
+
+class _KernelPath:
+    """Kernel-path switch shared by the wrappers (see ``sparseffn.decode``)."""
+
+    kernel_mode: str = "auto"
+    _layout_ready: bool = False
+
+    def _kernel_linears(self) -> list[nn.Module]:
+        """Projections the kernels read input-major (empty: no kernel plan)."""
+        raise NotImplementedError
+
+    def set_kernel_mode(self, mode: str) -> None:
+        """Choose the policy ("auto", "always", "never") and lay the weights out for it.
+
+        The weights are re-laid out only where the kernels can run ("always", or CUDA weights
+        under "auto"); elsewhere they keep their layout, so the reference path stays bit-equal
+        to the unpatched model. A model moved to the GPU after patching needs this call again.
+        """
+        self.kernel_mode = mode
+        kernels_on("cuda"), kernels_on("cpu")  # import the ops and cache availability now
+        linears = self._kernel_linears()
+        use = mode == "always" or (mode == "auto" and any(
+            lin.weight.device.type == "cuda" for lin in linears))
+        for lin in linears:
+            if use:
+                layout.make_input_major(lin)
+            else:
+                layout.restore(lin)
+        self._layout_ready = use and all(layout.is_input_major(lin.weight) for lin in linears)
+
+    def restore_layout(self) -> None:
+        for lin in self._kernel_linears():
+            layout.restore(lin)
+
+    def _kernels_usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call may take the kernel path (every test is static under compile)."""
+        if not self._layout_ready or self.observe is not None:
+            return False
+        always = self.kernel_mode == "always"
+        if x.device.type == "cuda":
+            ok = _AVAILABLE.get("cuda", False)
+        else:
+            ok = always and _AVAILABLE.get("cpu", False)
+        max_batch = decode.MAX_DECODE_BATCH if always else decode.AUTO_MAX_BATCH
+        return (ok and decode.is_decode_step(x, max_batch) and x.dtype == weight.dtype
+                and x.device == weight.device
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def kernels_on(device_type: str) -> bool:
+    """Whether the Triton ops run on ``device_type`` tensors here (cached; filled at patch time,
+    so a compiled forward reads a constant)."""
+    if device_type not in _AVAILABLE:
+        try:
+            from triton_kernels import kernels_available
+            _AVAILABLE[device_type] = kernels_available(device_type)
+        except ImportError:
+            _AVAILABLE[device_type] = False
+    return _AVAILABLE[device_type]
+
+
+class SparseLinear(_KernelPath, nn.Module):
     """``base`` (an nn.Linear) applied to its input with small-magnitude channels zeroed.
 
     Buffers:
@@ -60,23 +157,36 @@ class SparseLinear(nn.Module):
         self.track = True
         self.observe: Callable[[str, torch.Tensor], None] | None = None
         self.site = site  # the attribute name this wrapper replaces, e.g. "q_proj"
-        self.register_buffer("threshold", threshold.detach().float().to(base.weight.device))
-        self.counter = SiteCounter(base.weight.numel())
+        self.register_buffer("threshold", own_copy(threshold, base.weight.device))
+        self.counter = SiteCounter(base.weight.numel(), base.weight.device)
+        self._kernel_ok = decode.is_plain_linear(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]."""
+        if self._kernel_ok and self._kernels_usable(x, self.base.weight):
+            return self._decode(x)
         if self.observe is not None:
             self.observe(self.site, x)
         return self.base(_mask_input(x, self.threshold, self.counter, self.track))
 
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(x.shape[0], x.shape[-1])
+        if self.track:
+            self.counter.count(above(x2.abs(), self.threshold))
+        y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold)
+        return y.reshape(x.shape[0], 1, y.shape[-1])
+
+    def _kernel_linears(self) -> list[nn.Module]:
+        return [self.base] if self._kernel_ok else []
+
     def set_threshold(self, threshold: torch.Tensor) -> None:
-        self.threshold = threshold.detach().float().to(self.threshold.device)
+        _set_buffer(self, "threshold", threshold)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, threshold_shape={tuple(self.threshold.shape)}"
 
 
-class SparseGatedMLP(nn.Module):
+class SparseGatedMLP(_KernelPath, nn.Module):
     """A gated MLP, down(act(gate(x)) * up(x)), with sparsity at its sites.
 
     Sites (any subset):
@@ -107,15 +217,39 @@ class SparseGatedMLP(nn.Module):
                 covered = base.down_proj.weight.numel()
             else:
                 covered = getattr(base, site).weight.numel()
-            self.counters[site] = SiteCounter(covered)
+            self.counters[site] = SiteCounter(covered, device)
         for site, value in thresholds.items():
-            self.register_buffer(f"threshold_{site}", value.detach().float().to(device))
+            self.register_buffer(f"threshold_{site}", own_copy(value, device))
+        self.register_buffer("zero", torch.zeros((), device=device), persistent=False)
+        self.plan, self.kernel_act = self._kernel_plan()
+
+    def _kernel_plan(self) -> tuple[str | None, str | None]:
+        """(plan, kernel activation name) for decode steps; see ``sparseffn.decode``."""
+        base, spec = self.base, self.spec
+        linears = [getattr(base, name) for name in (*spec.mlp_in, "down_proj")]
+        if not all(decode.is_plain_linear(lin) for lin in linears):
+            return None, None
+        if "act" not in self.sites:
+            return "input", None
+        if self.sites != ("act",) or any(lin.bias is not None for lin in linears):
+            return None, None
+        if self.topk_sparsity is not None:
+            return "topk", None
+        act = decode.kernel_activation(activation(spec, base))
+        return ("act", act) if act is not None else (None, None)
+
+    def _kernel_linears(self) -> list[nn.Module]:
+        if self.plan in ("act", "topk"):
+            return [self.base.down_proj]
+        if self.plan == "input":
+            return [getattr(self.base, site) for site in self.sites]
+        return []
 
     def threshold(self, site: str) -> torch.Tensor | None:
         return getattr(self, f"threshold_{site}", None)
 
     def set_threshold(self, site: str, value: torch.Tensor) -> None:
-        setattr(self, f"threshold_{site}", value.detach().float().to(self.threshold(site).device))
+        _set_buffer(self, f"threshold_{site}", value)
 
     def _gate_input(self, x: torch.Tensor, site: str) -> torch.Tensor:
         t = self.threshold(site)
@@ -125,8 +259,56 @@ class SparseGatedMLP(nn.Module):
         """Neurons kept per token under top-k."""
         return self.intermediate_size - round(self.topk_sparsity * self.intermediate_size)
 
+    def _topk_mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        keep = magnitude.topk(self.topk(), dim=-1).indices
+        return torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)
+
+    def _gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.fused_gate_up:
+            return self.base.gate_up_proj.weight.chunk(2, dim=0)
+        return self.base.gate_proj.weight, self.base.up_proj.weight
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode step through the kernels: x [B, 1, H] -> [B, 1, H]."""
+        x2 = x.reshape(x.shape[0], x.shape[-1])
+        base, down = self.base, self.base.down_proj
+        if self.plan == "act":
+            w_gate, w_up = self._gate_up_weights()
+            h = decode.gated_act(x2, w_gate, w_up, self.threshold("act"), self.kernel_act)
+            if self.track:
+                self.counters["act"].count(h != 0)  # an active neuron with h == 0 adds nothing
+            y = decode.down_nonzero(h, down.weight, self.zero)
+        elif self.plan == "topk":
+            w_gate, w_up = self._gate_up_weights()
+            act = activation(self.spec, base)(F.linear(x2, w_gate))
+            mask = self._topk_mask(act.abs())
+            if self.track:
+                self.counters["act"].count(mask)
+            h = torch.where(mask, act * decode.up_masked(x2, w_up, mask), 0)
+            y = decode.down_masked(h, down.weight, mask)
+        else:
+            t = self.threshold
+            if self.track:
+                for site in self.sites:
+                    if site != "down_proj":
+                        self.counters[site].count(above(x2.abs(), t(site)))
+            if self.spec.fused_gate_up:
+                gu = base.gate_up_proj
+                gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj")).chunk(2, -1)
+            else:
+                gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias,
+                                     t("gate_proj"))
+                up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"))
+            h = activation(self.spec, base)(gate) * up
+            if self.track and t("down_proj") is not None:
+                self.counters["down_proj"].count(above(h.abs(), t("down_proj")))
+            y = decode.linear(h, down.weight, down.bias, t("down_proj"))
+        return y.reshape(x.shape[0], 1, y.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
+        if self.plan is not None and self._kernels_usable(x, self.base.down_proj.weight):
+            return self._decode(x)
         observe = self.observe
         if observe is not None:
             observe("mlp_in", x)
@@ -140,11 +322,7 @@ class SparseGatedMLP(nn.Module):
         t_act = self.threshold("act")
         if t_act is not None or self.topk_sparsity is not None:
             magnitude = act.abs()
-            if t_act is not None:
-                mask = magnitude > t_act
-            else:
-                keep = magnitude.topk(self.topk(), dim=-1).indices
-                mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)
+            mask = above(magnitude, t_act) if t_act is not None else self._topk_mask(magnitude)
             if self.track:
                 self.counters["act"].count(mask)
             h = torch.where(mask, act * up, 0)
@@ -155,4 +333,5 @@ class SparseGatedMLP(nn.Module):
         return self.base.down_proj(self._gate_input(h, "down_proj"))
 
     def extra_repr(self) -> str:
-        return f"sites={self.sites}, topk_sparsity={self.topk_sparsity}"
+        return (f"sites={self.sites}, topk_sparsity={self.topk_sparsity}, "
+                f"decode_plan={self.plan}, kernel_mode={self.kernel_mode}")

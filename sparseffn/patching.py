@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from calibrate.artifact import Calibration
-from sparseffn.errors import PatchStateError
+from sparseffn.decode import KERNEL_MODES
+from sparseffn.errors import PatchStateError, SparseFFNError
 from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
 from sparseffn.modules import SiteCounter, SparseGatedMLP, SparseLinear
 
@@ -53,8 +54,16 @@ def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, tor
     return new
 
 
-def install(model: nn.Module, calibration: Calibration) -> None:
-    """Patch ``model`` in place with ``calibration``'s thresholds."""
+def install(model: nn.Module, calibration: Calibration,
+            kernel_mode: str = "auto") -> None:
+    """Patch ``model`` in place with ``calibration``'s thresholds.
+
+    ``kernel_mode`` ("auto", "always", "never"; see ``sparseffn.decode``) picks where decode
+    steps run the Triton kernels; unless "never", the projections the kernels read input-major
+    are re-laid out in place now (no extra copy is kept).
+    """
+    if kernel_mode not in KERNEL_MODES:
+        raise SparseFFNError(f"kernel_mode must be one of {KERNEL_MODES}, got {kernel_mode!r}")
     if is_sparsified(model):
         raise PatchStateError(
             "the model is already sparsified; call sparseffn.unsparsify(model) first, or "
@@ -70,6 +79,16 @@ def install(model: nn.Module, calibration: Calibration) -> None:
     for (parent, name), module in swaps.items():
         setattr(parent, name, module)
     setattr(model, STATE_ATTR, PatchState(spec, calibration))
+    set_kernel_mode(model, kernel_mode)
+
+
+def set_kernel_mode(model: nn.Module, mode: str) -> None:
+    """Switch every wrapper's kernel policy and weight layout (see ``install``)."""
+    patch_state(model)
+    if mode not in KERNEL_MODES:
+        raise SparseFFNError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    for _, module in sparse_modules(model):
+        module.set_kernel_mode(mode)
 
 
 def sparse_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -121,6 +140,8 @@ def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
 def remove(model: nn.Module) -> None:
     """Put every original module back and forget the sparsity state."""
     state = patch_state(model)
+    for _, module in sparse_modules(model):
+        module.restore_layout()
     for layer in decoder_layers(model):
         if isinstance(layer.mlp, SparseGatedMLP):
             layer.mlp = layer.mlp.base

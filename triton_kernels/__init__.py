@@ -6,7 +6,7 @@ graphs capture it. CUDA tensors run Triton; other devices run the plain-PyTorch 
 is exported beside each op. See docs/kernels.md for semantics, layouts and measured speed.
 """
 from ._common import HAS_TRITON, INTERPRET, LaunchConfig, kernels_available, tuning_log
-from .gated_mlp import sparse_gated_mlp, sparse_gated_mlp_ref
+from .gated_mlp import sparse_gate_up, sparse_gate_up_ref, sparse_gated_mlp, sparse_gated_mlp_ref
 from .input_sparse import input_sparse_gemv, input_sparse_gemv_ref
 from .output_sparse import output_sparse_gemv, output_sparse_gemv_ref
 
@@ -19,6 +19,8 @@ __all__ = [
     "kernels_available",
     "output_sparse_gemv",
     "output_sparse_gemv_ref",
+    "sparse_gate_up",
+    "sparse_gate_up_ref",
     "sparse_gated_mlp",
     "sparse_gated_mlp_ref",
     "tuning_log",

@@ -66,11 +66,50 @@ def sparse_gated_mlp_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
                          activation: str = "silu") -> torch.Tensor:
     """Plain-PyTorch reference (and the CPU implementation). x [B, H] -> y [B, H]."""
     _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
+    h = sparse_gate_up_ref(x, w_gate, w_up, threshold, mask, activation)
+    return (h.float() @ w_down_t.float()).to(x.dtype)
+
+
+def _validate_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                      threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      activation: str) -> tuple[int, int, int]:
+    # The gate/up half has no down weight; validate it with w_gate standing in for w_down_t.
+    return _validate(x, w_gate, w_up, w_gate, threshold, mask, activation)
+
+
+def sparse_gate_up_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       threshold: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None,
+                       activation: str = "silu") -> torch.Tensor:
+    """Plain-PyTorch reference of ``sparse_gate_up``. x [B, H] -> h [B, I] in x's dtype."""
+    _validate_gate_up(x, w_gate, w_up, threshold, mask, activation)
     xf = x.float()
     g = _act_ref(xf @ w_gate.float().t(), activation)
     active = g.abs() > threshold.float() if threshold is not None else mask.expand_as(g)
-    h = torch.where(active, g * (xf @ w_up.float().t()), 0.0).to(x.dtype)
-    return (h.float() @ w_down_t.float()).to(x.dtype)
+    return torch.where(active, g * (xf @ w_up.float().t()), 0.0).to(x.dtype)
+
+
+def _gate_up_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                    threshold: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None, activation: str = "silu",
+                    config: Optional[C.LaunchConfig] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gate/up kernel alone (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    B, H, I = _validate_gate_up(x, w_gate, w_up, threshold, mask, activation)
+    C.require_kernels(x.device)
+    from ._output_sparse_kernel import ACT_GELU_TANH, ACT_SILU, launch_gate_up
+
+    act = ACT_SILU if activation == "silu" else ACT_GELU_TANH
+    thr = None if threshold is None else C.expand_threshold(threshold, B, I, x.device, "")
+    m = None if mask is None else C.expand_mask(mask, B, I, x.device, "")
+    h = C.output_buffer(out, (B, I), x.dtype, x.device)
+    step = C.MAX_BATCH_PER_LAUNCH
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(B, b0 + step))
+        cfg = config or pick_config(w_gate, w_up, sl.stop - sl.start, use_mask=mask is not None)
+        launch_gate_up(x[sl], w_gate, w_up, None if thr is None else thr[sl],
+                       None if m is None else m[sl], act, h[sl], cfg)
+    return h
 
 
 def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -87,23 +126,16 @@ def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     B, H, I = _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
     C.require_kernels(x.device)
     from ._input_sparse_kernel import MODE_NONZERO, launch_input_sparse
-    from ._output_sparse_kernel import ACT_GELU_TANH, ACT_SILU, launch_gate_up
     from .input_sparse import pick_config as pick_down_config
 
-    act = ACT_SILU if activation == "silu" else ACT_GELU_TANH
-    thr = None if threshold is None else C.expand_threshold(threshold, B, I, x.device, "")
-    m = None if mask is None else C.expand_mask(mask, B, I, x.device, "")
-    h = C.scratch((B, I), x.dtype, x.device)
+    h = _gate_up_triton(x, w_gate, w_up, threshold, mask, activation, config,
+                        out=C.scratch((B, I), x.dtype, x.device))
     y = C.output_buffer(out, (B, H), x.dtype, x.device)
     step = C.MAX_BATCH_PER_LAUNCH
     for b0 in range(0, B, step):
         sl = slice(b0, min(B, b0 + step))
-        nb = sl.stop - sl.start
-        cfg = config or pick_config(w_gate, w_up, nb, use_mask=mask is not None)
-        launch_gate_up(x[sl], w_gate, w_up, None if thr is None else thr[sl],
-                       None if m is None else m[sl], act, h[sl], cfg)
         launch_input_sparse(h[sl], w_down_t, MODE_NONZERO, None, None, y[sl],
-                            down_config or pick_down_config(w_down_t, nb))
+                            down_config or pick_down_config(w_down_t, sl.stop - sl.start))
     return y
 
 
@@ -149,3 +181,25 @@ def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch
       activation: str = "silu") -> torch.Tensor:
     B, H, _ = _validate(x, w_gate, w_up, w_down_t, threshold, mask, activation)
     return x.new_empty((B, H))
+
+
+@torch.library.custom_op("sparseffn::sparse_gate_up", mutates_args=())
+def sparse_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   threshold: Optional[torch.Tensor] = None,
+                   mask: Optional[torch.Tensor] = None,
+                   activation: str = "silu") -> torch.Tensor:
+    """h [B, I] = act(gate) * up on active neurons, exact zeros elsewhere: the first half of
+    ``sparse_gated_mlp``, for callers that need h itself (e.g. to count active neurons) before
+    ``input_sparse_gemv(h, w_down_t, threshold=0)`` finishes the MLP. Same arguments.
+    """
+    if x.is_cuda and C.kernels_available(x.device):
+        return _gate_up_triton(x, w_gate, w_up, threshold, mask, activation)
+    return sparse_gate_up_ref(x, w_gate, w_up, threshold, mask, activation)
+
+
+@sparse_gate_up.register_fake
+def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+      threshold: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+      activation: str = "silu") -> torch.Tensor:
+    B, _, I = _validate_gate_up(x, w_gate, w_up, threshold, mask, activation)
+    return x.new_empty((B, I))

@@ -11,6 +11,7 @@ OPS = {
     "input_sparse_gemv": torch.ops.sparseffn.input_sparse_gemv.default,
     "output_sparse_gemv": torch.ops.sparseffn.output_sparse_gemv.default,
     "sparse_gated_mlp": torch.ops.sparseffn.sparse_gated_mlp.default,
+    "sparse_gate_up": torch.ops.sparseffn.sparse_gate_up.default,
 }
 
 
@@ -26,6 +27,7 @@ def small_args(dtype=torch.float16, device="cpu", B=3, H=63, I=97):
         "output_sparse_gemv": ((x, w, mask), {}),
         "sparse_gated_mlp": ((x, w, w2, w_t.t().contiguous()),
                              {"threshold": torch.full((B, 1), 0.1, device=device)}),
+        "sparse_gate_up": ((x, w, w2), {"threshold": torch.full((I,), 0.1, device=device)}),
     }
 
 
@@ -45,7 +47,7 @@ def test_fake_impl_shape_and_dtype(name, dtype):
         fkw = {k: mode.from_tensor(v) for k, v in kwargs.items()}
         out = OPS[name](*fargs, **fkw)
     expected = {"input_sparse_gemv": (3, 97), "output_sparse_gemv": (3, 97),
-                "sparse_gated_mlp": (3, 63)}[name]
+                "sparse_gated_mlp": (3, 63), "sparse_gate_up": (3, 97)}[name]
     assert tuple(out.shape) == expected and out.dtype == dtype
 
 
@@ -111,6 +113,29 @@ def test_validation_errors():
                             threshold=thr, activation="relu")
     with pytest.raises(ValueError, match="dtype"):
         tk.input_sparse_gemv(x.to(torch.int32), w_t, threshold=thr)
+
+
+@pytest.mark.skipif(not tk.kernels_available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("criterion", ["threshold", "mask"])
+def test_gate_up_then_down_is_the_fused_mlp(criterion):
+    """sparse_gate_up's h, finished by input_sparse_gemv(h, w_down_t, threshold=0), computes
+    what the fused op computes (both run the same two kernels), and h is NaN-free where written."""
+    from triton_kernels.gated_mlp import _gate_up_triton, _triton_impl
+    from triton_kernels.input_sparse import _triton_impl as input_sparse_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, H, I = 3, 63, 97
+    x = torch.randn(B, H, device=dev, dtype=torch.float16)
+    w, w2 = ((torch.randn(I, H, device=dev) / H**0.5).half() for _ in range(2))
+    w_down_t = (torch.randn(I, H, device=dev) / I**0.5).half()
+    crit = ({"threshold": torch.full((I,), 0.1, device=dev)} if criterion == "threshold"
+            else {"mask": torch.rand(B, I, device=dev) < 0.4})
+    h = _gate_up_triton(x, w, w2, **crit,
+                        out=torch.full((B, I), float("nan"), device=dev, dtype=torch.float16))
+    torch.testing.assert_close(h, tk.sparse_gate_up_ref(x, w, w2, **crit), rtol=2e-3, atol=2e-3)
+    y = input_sparse_triton(h, w_down_t, threshold=torch.zeros((), device=dev))
+    torch.testing.assert_close(y, _triton_impl(x, w, w2, w_down_t, **crit), rtol=0, atol=2e-3)
 
 
 def test_kernels_available():

@@ -1,0 +1,1 @@
+"""End-to-end decode benchmark: dense against sparse in one harness, on real model shapes."""

@@ -1,0 +1,167 @@
+"""Decode timing in two harnesses (sparseffn.generate, HF generate with a static cache), a
+step profile, and the kernel-path correctness check."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import sparseffn
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prompt_ids(model: nn.Module, batch: int, prompt: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return torch.randint(1, vocab, (batch, prompt), generator=g).to(model.device)
+
+
+def run_decode(model: nn.Module, harness: str, ids: torch.Tensor, new_tokens: int) -> None:
+    """Greedy-decode ``new_tokens`` after ``ids`` through ``harness`` ("lean" or "generate")."""
+    if harness == "lean":
+        sparseffn.generate(model, ids, new_tokens, eos_token_id=None,
+                           max_cache_len=ids.shape[1] + new_tokens)
+    elif harness == "generate":
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False,
+                       cache_implementation="static", eos_token_id=None, pad_token_id=0)
+    else:
+        raise ValueError(f"unknown harness {harness!r}")
+
+
+def decode_rate(model: nn.Module, harness: str, batch: int, prompt: int, new_tokens: int,
+                repeats: int = 3) -> float:
+    """Decode tokens per second (all sequences): the time of ``new_tokens`` steps less the
+    time of the prefill and first token, over the remaining steps. Warm-up runs first, so
+    compilation, CUDA-graph recording and kernel tuning are not timed."""
+    ids = prompt_ids(model, batch, prompt)
+    device = str(ids.device)
+    for n in (new_tokens, new_tokens, 1):
+        run_decode(model, harness, ids, n)
+    full = _median_seconds(lambda: run_decode(model, harness, ids, new_tokens), repeats, device)
+    first = _median_seconds(lambda: run_decode(model, harness, ids, 1), repeats, device)
+    return batch * (new_tokens - 1) / max(full - first, 1e-9)
+
+
+CATEGORIES = (("sparse kernels", ("_input_sparse_kernel", "_gate_up_kernel",
+                                  "_output_sparse_kernel")),
+              ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+              ("dense GEMM/GEMV", ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")))
+
+
+def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16) -> dict:
+    """GPU time per decode step by category (lean harness, compiled step), in microseconds,
+    and the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompt_ids(model, batch, prompt)
+    run_decode(model, "lean", ids, steps + 1)
+    _sync("cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run_decode(model, "lean", ids, steps + 1)
+        _sync("cuda")
+        wall = time.perf_counter() - t0
+    out = {name: 0.0 for name, _ in CATEGORIES}
+    out["other"] = 0.0
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0)
+        if t <= 0:
+            continue
+        key = evt.key.lower()
+        cat = next((name for name, pats in CATEGORIES if any(p in key for p in pats)), "other")
+        out[cat] += t
+    # The prefill is profiled too; it is one forward of `prompt` tokens, reported apart.
+    result = {k: v / (steps + 1) for k, v in out.items()}
+    result["wall_per_step_us"] = wall * 1e6 / (steps + 1)
+    return result
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor
+                          ) -> torch.Tensor:
+    """Logits [steps, B, V] (fp32) of feeding ``tokens`` [B, steps] one at a time after ``ids``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = []
+    for t in range(tokens.shape[1]):
+        step = model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out.append(step.logits[:, -1].float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
+                      new_tokens: int = 64) -> dict:
+    """Kernel path against the reference path on one patched model and one input.
+
+    Both paths are fed the same 64 tokens (the kernel path's greedy output): the largest
+    logit difference, relative to the logits' spread, and whether each step's argmax agrees;
+    then both decode greedily on their own and the generations are compared.
+    """
+    ids = prompt_ids(model, batch, prompt, seed=7)
+    module_err = module_errors(model, ids)
+    sparseffn.set_kernel_mode(model, "auto")
+    gen_kernel = sparseffn.generate(model, ids, new_tokens, eos_token_id=None, compile=False)
+    tokens = gen_kernel[:, prompt:]
+    kern = teacher_forced_logits(model, ids, tokens)
+    sparseffn.set_kernel_mode(model, "never")
+    ref = teacher_forced_logits(model, ids, tokens)
+    gen_ref = sparseffn.generate(model, ids, new_tokens, eos_token_id=None, compile=False)
+    sparseffn.set_kernel_mode(model, "auto")
+    diff = (kern - ref).abs()
+    same = gen_kernel[:, prompt:] == gen_ref[:, prompt:]
+    first_diff = int((~same).float().argmax(dim=1).min()) if not bool(same.all()) else new_tokens
+    return {**module_err, "max_abs_logit_diff": float(diff.max()),
+            "logit_std": float(ref.std()),
+            "rel_max_diff": float(diff.max() / ref.std()),
+            "argmax_agree_teacher_forced": float((kern.argmax(-1) == ref.argmax(-1)).float()
+                                                 .mean()),
+            "greedy_tokens_identical": float(same.float().mean()),
+            "greedy_first_divergence": first_diff}
+
+
+@torch.no_grad()
+def module_errors(model: nn.Module, ids: torch.Tensor) -> dict:
+    """Per-module relative error of the kernel path against the reference path on the same
+    decode-step input (each wrapper's real input at one decode step): ||k - r|| / ||r||."""
+    from sparseffn.patching import sparse_modules
+
+    inputs: dict[int, torch.Tensor] = {}
+    mods = [m for _, m in sparse_modules(model)]
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach().clone()))
+        for i, m in enumerate(mods)]
+    sparseffn.set_kernel_mode(model, "never")
+    teacher_forced_logits(model, ids, ids[:, -1:])  # one decode step after the prompt
+    for h in hooks:
+        h.remove()
+    errs = []
+    for i, m in enumerate(mods):
+        x = inputs[i]
+        m.set_kernel_mode("auto")
+        k = m(x).float()
+        m.set_kernel_mode("never")
+        r = m(x).float()
+        errs.append(float((k - r).norm() / r.norm()))
+    sparseffn.set_kernel_mode(model, "auto")
+    return {"module_rel_err_max": max(errs), "module_rel_err_median": statistics.median(errs)}

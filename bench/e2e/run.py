@@ -1,0 +1,276 @@
+"""End-to-end decode benchmark: dense against sparse, same model, same harness, same run.
+
+    python -m bench.e2e.run --shape llama3-8b --dtype bfloat16 --csv out.csv --plot out.png
+    sparseffn bench e2e ...   (the same)
+
+For each criterion (teal:all, wina:all: all seven projections; cats, chess: MLP only) it
+calibrates the random-weight model with the real calibration code on random token ids at every
+sparsity level, patches once, and swaps thresholds in place between levels (no recompilation).
+Each point reports decode tokens/s of dense and sparse, the speedup, the bandwidth floor in
+tokens/s for the bytes actually read, the measured sparsity and the peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import sparseffn
+from bench.e2e import harness as H
+from bench.e2e.shapes import build_model, step_bytes
+
+NUMERIC = {"target", "measured_sparsity", "speedup", "byte_limit_speedup", "batch", "prompt",
+           "layers"}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FIELDS = ["device", "torch", "triton", "transformers", "shape", "layers", "dtype", "method",
+          "scope", "target", "measured_sparsity", "ffn_bytes_skipped", "all_bytes_skipped",
+          "batch", "prompt", "new_tokens", "harness", "tok_s", "dense_tok_s", "speedup",
+          "floor_tok_s", "frac_of_floor", "byte_limit_speedup", "peak_mem_gb",
+          "calib_seconds"]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
+    return {"device": dev, "torch": torch.__version__, "triton": tv,
+            "transformers": transformers.__version__}
+
+
+def read_bandwidth(device: str) -> float:
+    """Bytes per second of a read-only stream (sum of 1 GiB), the floor's denominator."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    from bench.kernels.sweep import bandwidths
+    return bandwidths(20, "cuda")[1]
+
+
+def calibrations(model, method: str, scope: str, levels: list[float], tokens: int,
+                 seq_len: int, progress: bool) -> tuple[list, float]:
+    """One Calibration per level, fitted on random token ids (model unpatched)."""
+    from calibrate.fit import calibrate_model
+    from sparseffn.config import SparsityConfig
+
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, model.config.vocab_size, (max(1, tokens // seq_len), seq_len),
+                        generator=g)
+    out, t0 = [], time.perf_counter()
+    for s in levels:
+        config = SparsityConfig(method=method, sparsity=s, scope=scope)
+        out.append(calibrate_model(model, None, ids, config, tokens, seq_len, batch_size=4,
+                                   progress=progress, data_name="random token ids"))
+    return out, (time.perf_counter() - t0) / len(levels)
+
+
+def measure_sparsity(model, prompt: int = 512) -> sparseffn.SparsityReport:
+    """Measured sparsity on fresh random tokens (one tracked forward)."""
+    sparseffn.track_sparsity(model, True)
+    sparseffn.reset_sparsity_stats(model)
+    with torch.no_grad():
+        model(input_ids=H.prompt_ids(model, 1, prompt, seed=23))
+    report = sparseffn.sparsity_report(model)
+    sparseffn.track_sparsity(model, False)  # counting costs time on the decode path
+    return report
+
+
+def _point(args, ver, model, bw, method, scope, target, report, b, p, harness, rate, dense,
+           calib_s) -> dict:
+    skipped = report.all_bytes_skipped if report is not None else 0.0
+    nbytes = step_bytes(model, b, p + args.new_tokens, skipped).total
+    dense_bytes = step_bytes(model, b, p + args.new_tokens, 0.0).total
+    floor = b * bw / nbytes
+    return {**ver, "shape": args.shape, "layers": model.config.num_hidden_layers,
+            "dtype": args.dtype, "method": method, "scope": scope, "target": target,
+            "measured_sparsity": round(report.overall, 4) if report else 0.0,
+            "ffn_bytes_skipped": round(report.ffn_bytes_skipped, 4) if report else 0.0,
+            "all_bytes_skipped": round(skipped, 4), "batch": b, "prompt": p,
+            "new_tokens": args.new_tokens, "harness": harness, "tok_s": round(rate, 2),
+            "dense_tok_s": round(dense, 2), "speedup": round(rate / dense, 4),
+            "floor_tok_s": round(floor, 2), "frac_of_floor": round(rate / floor, 4),
+            "byte_limit_speedup": round(dense_bytes / nbytes, 4),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if torch.cuda.is_available() else 0.0, "calib_seconds": round(calib_s, 1)}
+
+
+def _grid(args, harness: str) -> list[tuple[int, int]]:
+    batches = args.generate_batches if harness == "generate" else args.batches
+    prompts = args.generate_prompts if harness == "generate" else args.prompts
+    return [(b, p) for b in batches for p in prompts]
+
+
+def run(args) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+    ver = _versions()
+    device = args.device
+    bw = read_bandwidth(device)
+    print(f"{ver}; read bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    model = build_model(args.shape, DTYPES[args.dtype], device, args.layers)
+    rows = _Rows(args.csv)
+    dense: dict[tuple, float] = {}
+    for harness in args.harnesses:
+        for b, p in _grid(args, harness):
+            dense[(harness, b, p)] = H.decode_rate(model, harness, b, p, args.new_tokens,
+                                                   args.repeats)
+            rows.append(_point(args, ver, model, bw, "dense", "-", 0.0, None, b, p, harness,
+                               dense[(harness, b, p)], dense[(harness, b, p)], 0.0))
+            print(_fmt(rows[-1]), flush=True)
+    extras: dict = {"versions": ver, "read_bandwidth": bw, "profiles": {}, "checks": {}}
+    if args.profile and device.startswith("cuda"):
+        extras["profiles"]["dense"] = H.profile_steps(model, 1, args.prompts[0])
+    for spec in args.methods:
+        method, _, scope = spec.partition(":")
+        scope = scope or "mlp"
+        print(f"[{time.perf_counter() - T0:5.0f}s] calibrating {spec}", flush=True)
+        cals, calib_s = calibrations(model, method, scope, args.sparsities, args.calib_tokens,
+                                     args.calib_seq_len, args.progress)
+        from sparseffn.patching import install, update_thresholds
+        install(model, cals[0], kernel_mode=args.kernel_mode)
+        torch._dynamo.reset()
+        sparseffn.clear_decode_loops(model)
+        for target, cal in zip(args.sparsities, cals):
+            update_thresholds(model, cal)
+            report = measure_sparsity(model)
+            for harness in args.harnesses:
+                for b, p in _grid(args, harness):
+                    rate = H.decode_rate(model, harness, b, p, args.new_tokens, args.repeats)
+                    rows.append(_point(args, ver, model, bw, method, scope, target, report, b,
+                                       p, harness, rate, dense[(harness, b, p)], calib_s))
+                    print(_fmt(rows[-1]), flush=True)
+            if args.profile and device.startswith("cuda") and abs(target - 0.5) < 1e-9:
+                extras["profiles"][spec] = H.profile_steps(model, 1, args.prompts[0])
+            if args.check and abs(target - 0.5) < 1e-9 and device.startswith("cuda"):
+                extras["checks"][spec] = H.check_kernel_path(model)
+                print(f"check {spec}: {extras['checks'][spec]}", flush=True)
+        sparseffn.unsparsify(model)
+        torch._dynamo.reset()
+        sparseffn.clear_decode_loops(model)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(extras, f, indent=1)
+    return rows
+
+
+T0 = time.perf_counter()
+
+
+class _Rows(list):
+    """Result rows, also appended to the CSV as they come (a cut-off run keeps its points)."""
+
+    def __init__(self, path: str | None) -> None:
+        super().__init__()
+        self.path = path
+        if path:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
+
+
+def _fmt(r: dict) -> str:
+    return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4} s={r['target']:.2f} (measured "
+            f"{r['measured_sparsity']:.3f}) B={r['batch']} P={r['prompt']:<5} {r['harness']:<8}"
+            f" {r['tok_s']:8.1f} tok/s  x{r['speedup']:.2f} dense  "
+            f"{100 * r['frac_of_floor']:.0f}% of floor {r['floor_tok_s']:.0f}  "
+            f"mem {r['peak_mem_gb']} GB")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speedup against measured sparsity per criterion, one panel per (batch, harness)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["harness"], r["batch"], r["prompt"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (harness, b, p) in zip(axes[0], panels):
+        sel = [r for r in rows if (r["harness"], r["batch"], r["prompt"]) == (harness, b, p)
+               and r["method"] != "dense"]
+        for spec in sorted({(r["method"], r["scope"]) for r in sel}):
+            pts = sorted((r for r in sel if (r["method"], r["scope"]) == spec),
+                         key=lambda r: r["target"])
+            line = ax.plot([r["measured_sparsity"] for r in pts], [r["speedup"] for r in pts],
+                           "o-", label=f"{spec[0]}:{spec[1]}")[0]
+            ax.plot([r["measured_sparsity"] for r in pts],
+                    [r["byte_limit_speedup"] for r in pts], ":", color=line.get_color())
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set_title(f"{harness}, batch {int(b)}, prompt {int(p)}")
+        ax.set_xlabel("measured sparsity (dotted: byte limit)")
+        ax.set_ylabel("decode speedup over dense")
+        ax.legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['shape']} ({int(r0['layers'])} layers, {r0['dtype']}) on {r0['device']}, "
+                 f"torch {r0['torch']}, triton {r0['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="bench.e2e.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (smoke runs)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", nargs="+", default=["teal:all", "wina:all", "cats", "chess"])
+    p.add_argument("--sparsities", nargs="+", type=float,
+                   default=[0.0, 0.25, 0.4, 0.5, 0.65, 0.75])
+    p.add_argument("--harnesses", nargs="+", default=["lean", "generate"],
+                   choices=["lean", "generate"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--prompts", nargs="+", type=int, default=[128, 1024])
+    p.add_argument("--generate-batches", nargs="+", type=int, default=[1])
+    p.add_argument("--generate-prompts", nargs="+", type=int, default=[128])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--profile", action="store_true", help="profile a step at 50%% sparsity")
+    p.add_argument("--check", action="store_true",
+                   help="kernel path against reference path at 50%% sparsity")
+    p.add_argument("--kernel-mode", default="always", choices=["auto", "always", "never"],
+                   help="'always' runs the kernels at every batch size ('auto' only at batch 1)")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--plot-from", nargs="+", metavar="CSV",
+                   help="only draw --plot from earlier CSVs of this benchmark")
+    p.add_argument("--csv")
+    p.add_argument("--json", help="profiles and checks")
+    p.add_argument("--plot")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark (or only re-plot with --plot-from) for parsed arguments."""
+    if args.plot_from:
+        rows = []
+        for path in args.plot_from:
+            with open(path) as f:
+                for r in csv.DictReader(f):
+                    rows.append({k: (float(v) if k in NUMERIC else v) for k, v in r.items()})
+        plot(rows, args.plot)
+        return 0
+    rows = run(args)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""A lean decode loop: static cache, one compiled forward per step, sampling on the device.
+
+Hugging Face ``generate`` spends about a millisecond of Python per step on logits processors,
+stopping criteria and bookkeeping (measured on an H100: 569 tok/s through ``generate`` against
+1475 tok/s for a plain loop on a one-layer model of Llama-3-8B's width), which caps the speedup
+any faster forward can show. ``generate`` here does only what a step needs: one compiled
+forward (``torch.compile(fullgraph=True, mode="reduce-overhead")``, i.e. CUDA graphs on a GPU)
+over a ``StaticCache``, then greedy choice or temperature / top-k / top-p sampling in torch.
+Greedy outputs equal ``model.generate(..., do_sample=False)``'s. It works on any model, patched
+or not, so dense and sparse are timed in the same harness.
+
+The compiled step and its cache are kept on the model per (batch, cache length, device,
+compile) and reused: a second call compiles nothing, and changing the sparsity level
+(thresholds are updated in place) does not recompile either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sparseffn.errors import SparseFFNError
+
+LOOPS_ATTR = "_sparseffn_decode_loops"
+EOS_CHECK_EVERY = 8  # steps between host syncs that test whether every sequence has ended
+
+
+@dataclass
+class _Loop:
+    cache: object  # transformers.StaticCache
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _make_loop(model: nn.Module, batch: int, max_len: int, compile: bool) -> _Loop:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+
+    def step(token: torch.Tensor, position: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        """token [B, 1], position [B, 1] -> next-token logits [B, V]."""
+        out = model(input_ids=token, position_ids=position, attention_mask=mask,
+                    past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    if compile:
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    return _Loop(cache, step)
+
+
+def _loop(model: nn.Module, batch: int, max_len: int, compile: bool) -> _Loop:
+    loops = model.__dict__.setdefault(LOOPS_ATTR, {})
+    key = (batch, max_len, str(next(model.parameters()).device), compile)
+    if key not in loops:
+        loops[key] = _make_loop(model, batch, max_len, compile)
+    return loops[key]
+
+
+def clear_decode_loops(model: nn.Module) -> None:
+    """Drop the compiled steps and caches ``generate`` keeps on ``model`` (frees the caches)."""
+    model.__dict__.pop(LOOPS_ATTR, None)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
+            top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax, or temperature -> top-k -> top-p sampling."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_scores.softmax(dim=-1) > top_p  # keep the token that crosses top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype != torch.long:
+        raise SparseFFNError(f"input_ids must be a non-empty LongTensor [batch, prompt_len]; "
+                             f"got {input_ids.dtype} {list(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise SparseFFNError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise SparseFFNError(f"attention_mask {list(attention_mask.shape)} must have the shape "
+                             f"of input_ids {list(input_ids.shape)} (left padding)")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise SparseFFNError("temperature must be > 0 and top_p in (0, 1]; for greedy "
+                             "decoding pass do_sample=False")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             compile: bool = True, max_cache_len: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decode ``max_new_tokens`` after ``input_ids`` with a static cache and a compiled step.
+
+    Args:
+        model: a transformers causal LM (patched by sparseffn or not).
+        input_ids: LongTensor [B, P]; batches are left-padded, with ``attention_mask`` [B, P]
+            marking real tokens with 1.
+        do_sample, temperature, top_k, top_p, generator: sampling as in ``generate``
+            (temperature, then top-k, then top-p); greedy when ``do_sample`` is False.
+        eos_token_id, pad_token_id: a sequence that emits an EOS token continues with pads;
+            the loop stops early once every sequence has ended (checked every 8 steps).
+            Default to the model's generation config.
+        compile: compile the step (CUDA graphs on a GPU); False runs it eagerly.
+        max_cache_len: the static cache's length (default P + max_new_tokens); a fixed value
+            lets calls with different prompt lengths share one compiled step.
+
+    Returns:
+        LongTensor [B, P + n] of prompt and new tokens, n <= max_new_tokens.
+    """
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_p)
+    B, P = input_ids.shape
+    total = P + max_new_tokens
+    max_len = max_cache_len or total
+    if max_len < total:
+        raise SparseFFNError(f"max_cache_len={max_len} is shorter than the prompt plus the new "
+                             f"tokens ({total})")
+    gen_config = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_config is not None:
+        eos_token_id = gen_config.eos_token_id
+    if pad_token_id is None and gen_config is not None:
+        pad_token_id = gen_config.pad_token_id
+    eos = torch.tensor([] if eos_token_id is None else
+                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                       device=input_ids.device, dtype=torch.long)
+    pad = (pad_token_id if pad_token_id is not None
+           else int(eos[0]) if eos.numel() else 0)
+
+    loop = _loop(model, B, max_len, compile)
+    loop.cache.reset()
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        # Full-length mask: the prompt's padding, then ones (the causal mask hides the future),
+        # so every step sees the same shape and the compiled graph is reused.
+        mask = torch.ones(B, max_len, dtype=attention_mask.dtype, device=input_ids.device)
+        mask[:, :P] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        next_pos = attention_mask.long().sum(-1, keepdim=True)
+    else:
+        positions = torch.arange(P, device=input_ids.device).expand(B, P)
+        next_pos = torch.full((B, 1), P, device=input_ids.device, dtype=torch.long)
+
+    out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                past_key_values=loop.cache, use_cache=True, logits_to_keep=1)
+    tokens = torch.full((B, total), pad, dtype=torch.long, device=input_ids.device)
+    tokens[:, :P] = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits = out.logits[:, -1, :]
+    n = 0
+    for t in range(max_new_tokens):
+        nxt = _choose(logits, do_sample, temperature, top_k, top_p, generator)
+        nxt = torch.where(finished, pad, nxt)
+        tokens[:, P + t] = nxt
+        n = t + 1
+        if eos.numel():
+            finished |= torch.isin(nxt, eos)
+            if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        logits = loop.step(nxt[:, None], next_pos + t, mask)
+    return tokens[:, :P + _length(tokens[:, P:P + n], eos, n)]
+
+
+def _length(new: torch.Tensor, eos: torch.Tensor, n: int) -> int:
+    """Steps until the last sequence emitted its first EOS (``generate`` stops there), else n."""
+    if not eos.numel():
+        return n
+    hit = torch.isin(new, eos)
+    ended = hit.any(dim=1)
+    if not bool(ended.all()):
+        return n
+    return int(hit.float().argmax(dim=1).max()) + 1

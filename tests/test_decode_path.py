@@ -1,0 +1,181 @@
+"""The kernel path of the patched modules against their reference path.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (conftest), with
+``kernel_mode="always"``; on a GPU machine the same tests run the CUDA kernels. Two copies of one
+tiny model are patched with the same calibration, one with the kernels and one without, and fed
+the same prompt and the same continuation tokens (teacher forcing): every decode step's logits
+must agree to fp32 rounding, and the kernel functions must really have run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import sparseffn
+from sparseffn import decode, layout
+from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.patching import install
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(
+    not (sparseffn.modules.kernels_on("cuda") or sparseffn.modules.kernels_on("cpu")),
+    reason="needs CUDA or Triton in interpreter mode")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CALIB = dict(n_tokens=1024, progress=False)
+# Calibration on token ids (no tokenizer needed, so this file also runs on a bare GPU machine).
+IDS = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
+KERNEL_FUNCS = ("linear", "gated_act", "down_nonzero", "up_masked", "down_masked")
+
+# (family, method, scope, decode functions that must run)
+CASES = [
+    ("llama", "cats", "mlp", {"gated_act", "down_nonzero"}),
+    ("llama", "chess", "mlp", {"gated_act", "down_nonzero"}),
+    ("llama", "teal", "all", {"linear"}),
+    ("llama", "wina", "all", {"linear"}),
+    ("llama", "topk", "mlp", {"up_masked", "down_masked"}),
+    ("gemma", "chess", "mlp", {"gated_act", "down_nonzero"}),  # tanh-GELU
+    ("phi3", "teal", "all", {"linear"}),  # fused qkv and gate_up
+    ("phi3", "cats", "mlp", {"gated_act", "down_nonzero"}),
+    ("qwen2", "teal", "all", {"linear"}),  # q/k/v biases
+]
+
+
+def spy(monkeypatch) -> dict[str, int]:
+    """Count calls of the decode module's kernel entry points."""
+    calls = dict.fromkeys(KERNEL_FUNCS, 0)
+    for name in KERNEL_FUNCS:
+        fn = getattr(decode, name)
+
+        def wrapped(*args, _fn=fn, _name=name, **kwargs):
+            if _name != "linear" or args[3] is not None:  # dense linears are not kernels
+                calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(decode, name, wrapped)
+    return calls
+
+
+def pair(family, method, scope, sparsity, ):
+    """(reference-path model, kernel-path model) with one calibration."""
+    ref = tiny_model(family).to(DEVICE)
+    sparseffn.sparsify(ref, method, sparsity, IDS, scope=scope,
+                       kernel_mode="never", **CALIB)
+    kern = tiny_model(family).to(DEVICE)
+    install(kern, sparseffn.get_calibration(ref), kernel_mode="always")
+    return ref, kern
+
+
+@torch.no_grad()
+def decode_logits(model, prompt, continuation):
+    """Logits of each decode step [steps, B, V], prompt prefilled, tokens fed one at a time."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    steps = []
+    for t in range(continuation.shape[1]):
+        out = model(input_ids=continuation[:, t:t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("family,method,scope,funcs", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_kernel_path_matches_reference_path(family, method, scope, funcs, monkeypatch):
+    ref, kern = pair(family, method, scope, 0.5)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 1000, (3, 9), generator=g).to(DEVICE)
+    cont = torch.randint(3, 1000, (3, 4), generator=g).to(DEVICE)
+    expected = decode_logits(ref, prompt, cont)
+    calls = spy(monkeypatch)
+    got = decode_logits(kern, prompt, cont)
+    assert all(calls[name] > 0 for name in funcs), f"the kernel path did not run: {calls}"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Same measured sparsity on both paths (counted from the same masks).
+    r, k = sparseffn.sparsity_report(ref), sparseffn.sparsity_report(kern)
+    assert abs(r.overall - k.overall) < 0.02
+
+
+def test_sparsity_zero_kernel_path_is_the_dense_model():
+    model = tiny_model("llama").to(DEVICE)
+    dense = tiny_model("llama").to(DEVICE)
+    sparseffn.sparsify(model, "teal", 0.0, IDS, scope="all",
+                       kernel_mode="always", **CALIB)
+    prompt = torch.randint(3, 1000, (2, 7), device=DEVICE)
+    cont = torch.randint(3, 1000, (2, 3), device=DEVICE)
+    torch.testing.assert_close(decode_logits(model, prompt, cont),
+                               decode_logits(dense, prompt, cont), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_agrees():
+    ref, kern = pair("llama", "chess", "mlp", 0.5)
+    ids = torch.randint(3, 1000, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        a = ref.generate(ids, max_new_tokens=6, do_sample=False)
+        b = kern.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def _storage_bytes(model) -> int:
+    return sum(p.untyped_storage().nbytes() for p in model.parameters())
+
+
+def test_layout_in_place_no_extra_memory_and_undo():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {name: p for name, p in model.named_parameters()}
+    nbytes = _storage_bytes(model)
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all",
+                       kernel_mode="always", **CALIB)
+    wrappers = [m for m in model.modules() if isinstance(m, (SparseGatedMLP, SparseLinear))]
+    converted = [lin for w in wrappers for lin in w._kernel_linears()]
+    assert len(converted) == 2 * 7  # every gated projection of both layers
+    assert all(layout.is_input_major(lin.weight) for lin in converted)
+    assert _storage_bytes(model) == nbytes  # rewritten in place, no second copy
+    assert {n: p for n, p in model.named_parameters()}.keys()  # still named parameters
+    sparseffn.unsparsify(model)
+    assert all(p is params[n] for n, p in model.named_parameters())  # same Parameter objects
+    assert all(p.is_contiguous() for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_kernel_mode_never_keeps_layout_and_set_kernel_mode_switches():
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "cats", 0.5, IDS, kernel_mode="never",
+                       **CALIB)
+    down = model.model.layers[0].mlp.base.down_proj
+    assert down.weight.is_contiguous()
+    sparseffn.set_kernel_mode(model, "auto")
+    assert down.weight.is_contiguous() == (DEVICE == "cpu")  # re-laid out only where kernels run
+    sparseffn.set_kernel_mode(model, "always")
+    assert layout.is_input_major(down.weight)
+    sparseffn.set_kernel_mode(model, "never")
+    assert down.weight.is_contiguous()
+    with pytest.raises(sparseffn.SparseFFNError, match="kernel mode"):
+        sparseffn.set_kernel_mode(model, "fast")
+
+
+def test_no_kernel_path_with_gradients_or_prefill(monkeypatch):
+    """Training (gradients) and prefill (many tokens) take the reference path."""
+    _, kern = pair("llama", "cats", "mlp", 0.5)
+    calls = spy(monkeypatch)
+    ids = torch.randint(3, 1000, (1, 1), device=DEVICE)
+    kern.train()
+    kern(input_ids=ids).logits.sum().backward()  # one token, but gradients are on
+    with torch.no_grad():
+        kern(input_ids=torch.randint(3, 1000, (1, 5), device=DEVICE))
+    assert sum(calls.values()) == 0
+
+
+def test_threshold_update_in_place():
+    """A new level writes into the same threshold tensors (compiled graphs keep reading them),
+    and never into the Calibration the model was patched with."""
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "cats", 0.5, IDS, **CALIB)
+    mlp = model.model.layers[0].mlp
+    buf = mlp.threshold("act")
+    original = sparseffn.get_calibration(model)
+    stored = original.thresholds["layers.0.act"].clone()
+    sparseffn.set_sparsity(model, 0.3)
+    assert mlp.threshold("act") is buf and not torch.equal(buf, stored)
+    assert torch.equal(original.thresholds["layers.0.act"], stored)
