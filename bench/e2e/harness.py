@@ -66,31 +66,42 @@ CATEGORIES = (("sparse kernels", ("_input_sparse_kernel", "_gate_up_kernel",
               ("dense GEMM/GEMV", ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")))
 
 
-def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16) -> dict:
-    """GPU time per decode step by category (lean harness, compiled step), in microseconds,
-    and the wall time per step."""
+def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
+                  harness: str = "lean") -> dict:
+    """One profiled decode of ``steps`` + 1 tokens through ``harness`` (after a warm-up run):
+    GPU time per step by category in microseconds, the wall time per step, and host calls
+    per step (CUDA-graph replays against single kernel launches: a step that replays one
+    graph launches nothing else; many launches mean the graph was skipped or split)."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = prompt_ids(model, batch, prompt)
-    run_decode(model, "lean", ids, steps + 1)
+    run_decode(model, harness, ids, steps + 1)
     _sync("cuda")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        run_decode(model, "lean", ids, steps + 1)
+        run_decode(model, harness, ids, steps + 1)
         _sync("cuda")
         wall = time.perf_counter() - t0
     out = {name: 0.0 for name, _ in CATEGORIES}
     out["other"] = 0.0
+    launches = {"graph_launches": 0, "kernel_launches": 0}
     for evt in prof.key_averages():
+        key = evt.key.lower()
+        if key.startswith("cudagraphlaunch"):
+            launches["graph_launches"] += evt.count
+        elif key.startswith(("cudalaunchkernel", "culaunchkernel")):
+            launches["kernel_launches"] += evt.count
+        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CPU:
+            continue
         t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0)
         if t <= 0:
             continue
-        key = evt.key.lower()
         cat = next((name for name, pats in CATEGORIES if any(p in key for p in pats)), "other")
         out[cat] += t
-    # The prefill is profiled too; it is one forward of `prompt` tokens, reported apart.
-    result = {k: v / (steps + 1) for k, v in out.items()}
+    # The prefill is profiled too; it is one forward of `prompt` tokens, averaged in.
+    result = {k: v / (steps + 1) for k, v in {**out, **launches}.items()}
     result["wall_per_step_us"] = wall * 1e6 / (steps + 1)
+    result["harness"] = harness
     return result
 
 

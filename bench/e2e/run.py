@@ -126,7 +126,9 @@ def run(args) -> list[dict]:
             print(_fmt(rows[-1]), flush=True)
     extras: dict = {"versions": ver, "read_bandwidth": bw, "profiles": {}, "checks": {}}
     if args.profile and device.startswith("cuda"):
-        extras["profiles"]["dense"] = H.profile_steps(model, 1, args.prompts[0])
+        for harness in args.harnesses:
+            extras["profiles"][f"dense/{harness}"] = H.profile_steps(model, 1, args.prompts[0],
+                                                                    harness=harness)
     for spec in args.methods:
         method, _, scope = spec.partition(":")
         scope = scope or "mlp"
@@ -147,7 +149,11 @@ def run(args) -> list[dict]:
                                        p, harness, rate, dense[(harness, b, p)], calib_s))
                     print(_fmt(rows[-1]), flush=True)
             if args.profile and device.startswith("cuda") and abs(target - 0.5) < 1e-9:
-                extras["profiles"][spec] = H.profile_steps(model, 1, args.prompts[0])
+                for harness in args.harnesses:
+                    extras["profiles"][f"{spec}/{harness}"] = H.profile_steps(
+                        model, 1, args.prompts[0], harness=harness)
+                    print(f"profile {spec}/{harness}: {extras['profiles'][f'{spec}/{harness}']}",
+                          flush=True)
             if args.check and abs(target - 0.5) < 1e-9 and device.startswith("cuda"):
                 extras["checks"][spec] = H.check_kernel_path(model)
                 print(f"check {spec}: {extras['checks'][spec]}", flush=True)
