@@ -24,8 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BUILTIN_SOURCES", "METHODS", "SUPPORTED_MODEL_TYPES", "CalibrationError", "PatchStateError",
     "SparseFFNError", "SparsityConfig", "SparsityReport", "UnsupportedModelError",
-    "clear_decode_loops", "generate", "get_calibration", "is_sparsified", "load_builtin_model", "load_calibration", "load_texts",
-    "reset_sparsity_stats", "save_calibration", "set_kernel_mode", "set_sparsity", "sparsify",
-    "sparsity_report",
-    "track_sparsity", "unsparsify",
+    "clear_decode_loops", "generate", "get_calibration", "is_sparsified", "load_builtin_model",
+    "load_calibration", "load_texts", "reset_sparsity_stats", "save_calibration",
+    "set_kernel_mode", "set_sparsity", "sparsify", "sparsity_report", "track_sparsity",
+    "unsparsify",
 ]

@@ -15,6 +15,7 @@ compile) and reused: a second call compiles nothing, and changing the sparsity l
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,16 +34,24 @@ class _Loop:
     step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name ``model.forward`` takes its KV cache under: ``cache`` in recent transformers,
+    ``past_key_values`` before (still accepted there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
 def _make_loop(model: nn.Module, batch: int, max_len: int, compile: bool) -> _Loop:
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
+    cache_arg = {cache_kwarg(model): cache}
 
     def step(token: torch.Tensor, position: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
         """token [B, 1], position [B, 1] -> next-token logits [B, V]."""
         out = model(input_ids=token, position_ids=position, attention_mask=mask,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_arg)
         return out.logits[:, -1, :]
 
     if compile:
@@ -154,7 +163,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         next_pos = torch.full((B, 1), P, device=input_ids.device, dtype=torch.long)
 
     out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                past_key_values=loop.cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(model): loop.cache})
     tokens = torch.full((B, total), pad, dtype=torch.long, device=input_ids.device)
     tokens[:, :P] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -3,7 +3,8 @@
 Every process runs the same recipe (Trainer + SparsityCallback, LoRA, progressive L1) on a tiny
 model and saves its final weights and the callback's log for the test to compare.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/finetune_ddp_job.py OUT_DIR  # no GPU: gloo
+    # no GPU: DDP over gloo
+    accelerate launch --multi_gpu --num_processes 2 tests/finetune_ddp_job.py OUT_DIR
 """
 from __future__ import annotations
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import sparseffn
 from sparseffn import decode, layout
 from sparseffn.modules import SparseGatedMLP, SparseLinear
 from sparseffn.patching import install
+from bench.e2e.harness import teacher_forced_logits as decode_logits
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -64,18 +64,6 @@ def pair(family, method, scope, sparsity, ):
     kern = tiny_model(family).to(DEVICE)
     install(kern, sparseffn.get_calibration(ref), kernel_mode="always")
     return ref, kern
-
-
-@torch.no_grad()
-def decode_logits(model, prompt, continuation):
-    """Logits of each decode step [steps, B, V], prompt prefilled, tokens fed one at a time."""
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    steps = []
-    for t in range(continuation.shape[1]):
-        out = model(input_ids=continuation[:, t:t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits[:, -1])
-    return torch.stack(steps)
 
 
 @pytest.mark.parametrize("family,method,scope,funcs", CASES,

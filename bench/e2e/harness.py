@@ -111,11 +111,13 @@ def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Ten
     """Logits [steps, B, V] (fp32) of feeding ``tokens`` [B, steps] one at a time after ``ids``."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    from sparseffn.generation import cache_kwarg
+
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+    model(input_ids=ids, use_cache=True, **cache)
     out = []
     for t in range(tokens.shape[1]):
-        step = model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+        step = model(input_ids=tokens[:, t:t + 1], use_cache=True, **cache)
         out.append(step.logits[:, -1].float())
     return torch.stack(out)
 

@@ -187,8 +187,9 @@ class _Rows(list):
 
 
 def _fmt(r: dict) -> str:
-    return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4} s={r['target']:.2f} (measured "
-            f"{r['measured_sparsity']:.3f}) B={r['batch']} P={r['prompt']:<5} {r['harness']:<8}"
+    return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4} "
+            f"s={r['target']:.2f} (measured {r['measured_sparsity']:.3f}) B={r['batch']} "
+            f"P={r['prompt']:<5} {r['harness']:<8}"
             f" {r['tok_s']:8.1f} tok/s  x{r['speedup']:.2f} dense  "
             f"{100 * r['frac_of_floor']:.0f}% of floor {r['floor_tok_s']:.0f}  "
             f"mem {r['peak_mem_gb']} GB")

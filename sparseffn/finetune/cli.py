@@ -17,8 +17,9 @@ from pathlib import Path
 
 METHOD_HELP = ("none: plain fine-tune (baseline); l1: progressive L1 on activations (ProSparse "
                "schedule); density: differentiable density loss to 1-SPARSITY; fixed: train with "
-               "calibrated thresholds at SPARSITY active (CATS-style; see --threshold-method); relu / fatrelu: ReLU / shifted ReLU in place "
-               "of SiLU/GELU; prosparse: relu + progressive L1")
+               "calibrated thresholds at SPARSITY active (CATS-style; see --threshold-method); "
+               "relu / fatrelu: ReLU / shifted ReLU in place of SiLU/GELU; "
+               "prosparse: relu + progressive L1")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
