@@ -115,6 +115,8 @@ class Calibration:
         stats: calibration statistics per layer, kept so the sparsity can change without new
             data (``{"layers.{i}.{stat}": tensor}``).
         meta: versions, token counts, data description.
+        predictors: the "predictor" method's networks, ``{"layers.{i}.a": [r, H],
+            "layers.{i}.b": [I, r]}`` float32 (empty for every other method).
     """
 
     config: SparsityConfig
@@ -123,6 +125,12 @@ class Calibration:
     thresholds: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    predictors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def layer_predictor(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [r, H], B [I, r]) of one layer, or None."""
+        entries = layer_entries(self.predictors, layer)
+        return (entries["a"], entries["b"]) if entries else None
 
     def layer_thresholds(self, layer: int) -> dict[str, torch.Tensor]:
         return layer_entries(self.thresholds, layer)
@@ -141,6 +149,7 @@ class Calibration:
         tmp.mkdir(parents=True)
         tensors = {f"thresholds.{k}": v.contiguous() for k, v in self.thresholds.items()}
         tensors.update({f"stats.{k}": v.contiguous() for k, v in self.stats.items()})
+        tensors.update({f"predictors.{k}": v.contiguous() for k, v in self.predictors.items()})
         save_file(tensors, str(tmp / TENSORS_NAME))
         doc = {
             "format_version": FORMAT_VERSION,
@@ -180,8 +189,16 @@ class Calibration:
         thresholds = {k[len("thresholds."):]: v for k, v in tensors.items()
                       if k.startswith("thresholds.")}
         stats = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
+        predictors = {k[len("predictors."):]: v for k, v in tensors.items()
+                      if k.startswith("predictors.")}
         if set(thresholds) != set(sparsities):
             raise CalibrationError(f"{path} is inconsistent: thresholds and sparsities name "
                                    "different sites; recalibrate")
-        return cls(config, fingerprint, sparsities, thresholds, stats, doc.get("meta", {}))
+        if config.method == "predictor" and \
+                {k.rsplit(".", 1)[0] for k in predictors} != {k.rsplit(".", 1)[0]
+                                                               for k in thresholds}:
+            raise CalibrationError(f"{path} is inconsistent: its predictors do not cover every "
+                                   "layer; recalibrate")
+        return cls(config, fingerprint, sparsities, thresholds, stats, doc.get("meta", {}),
+                   predictors)
 

@@ -11,6 +11,7 @@ from torch import nn
 from calibrate.allocate import greedy_sparsities
 from calibrate.artifact import Calibration, layer_entries, model_fingerprint
 from calibrate.collect import collect_statistics
+from calibrate.predictor import train_predictors
 from sparseffn.config import SparsityConfig
 from sparseffn.data import token_windows
 from sparseffn.errors import CalibrationError
@@ -111,6 +112,15 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
     model.eval()
     install(model, scaffold, kernel_mode="never")  # calibration never decodes
     try:
+        if config.method == "predictor":
+            sparsities = uniform_sparsities(config, method, spec, num_layers)
+            per_layer = [sparsities[f"layers.{i}.act"] for i in range(num_layers)]
+            predictors, metrics = train_predictors(
+                model, windows, per_layer, config.predictor_rank, config.predictor_epochs,
+                batch_size=batch_size, progress=progress)
+            return Calibration(config, scaffold.fingerprint, sparsities,
+                               fit_thresholds(method, {}, sparsities), {}, {**meta, **metrics},
+                               predictors)
         stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
                                    progress, desc="calibrating (dense pass)")
         if config.allocation == "greedy":

@@ -8,7 +8,9 @@ from typing import Any
 from sparseffn.errors import SparseFFNError
 
 CONFIG_VERSION = 1
-METHODS = ("teal", "wina", "cats", "chess", "topk")
+METHODS = ("teal", "wina", "cats", "chess", "topk", "predictor")
+#: Methods that pick a fixed number of neurons per token (their "threshold" is the sparsity).
+RANKED_METHODS = ("topk", "predictor")
 # Methods that gate each linear's input (and so can cover attention projections too).
 INPUT_METHODS = ("teal", "wina")
 SCOPES = ("mlp", "all")
@@ -22,14 +24,17 @@ class SparsityConfig:
     Attributes:
         method: criterion, one of ``METHODS``.
         sparsity: target fraction in [0, 1) of the weight bytes of the sparsified projections
-            that a decode step skips (for cats/chess/topk: the fraction of FFN neurons off,
-            which skips that fraction of up rows and down columns).
+            that a decode step skips (for cats/chess/topk/predictor: the fraction of FFN
+            neurons off, which skips that fraction of up rows and down columns, and for
+            predictor of gate rows too).
         scope: ``"mlp"`` (FFN projections) or ``"all"`` (also q, k, v, o); only teal/wina
             can gate attention projections.
         allocation: ``"uniform"`` (every site at ``sparsity``) or ``"greedy"`` (TEAL-style:
             per decoder layer, raise the site whose increase costs least layer-output error).
         layer_sparsity: per-layer overrides ``{layer_index: sparsity}``.
         greedy_step: sparsity increment per greedy step.
+        predictor_rank: rank of the "predictor" method's networks (0: ``default_rank``).
+        predictor_epochs: passes over the calibration text that train them.
     """
 
     method: str = "chess"
@@ -38,6 +43,8 @@ class SparsityConfig:
     allocation: str = "uniform"
     layer_sparsity: dict[int, float] = field(default_factory=dict)
     greedy_step: float = 0.05
+    predictor_rank: int = 0
+    predictor_epochs: int = 4
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -66,6 +73,14 @@ class SparsityConfig:
                 f"greedy allocation shares sparsity among a layer's projections, so it needs one "
                 f"of {INPUT_METHODS}; {self.method!r} has one site per layer. Use 'uniform'."
             )
+        if isinstance(self.predictor_rank, bool) or not isinstance(self.predictor_rank, int) \
+                or self.predictor_rank < 0:
+            raise SparseFFNError(f"predictor_rank must be an int >= 0 (0: automatic), got "
+                                 f"{self.predictor_rank!r}")
+        if isinstance(self.predictor_epochs, bool) or not isinstance(self.predictor_epochs, int) \
+                or self.predictor_epochs < 1:
+            raise SparseFFNError(f"predictor_epochs must be an int >= 1, got "
+                                 f"{self.predictor_epochs!r}")
         if not 0.0 < self.greedy_step <= 0.25:
             raise SparseFFNError(f"greedy_step must be in (0, 0.25], got {self.greedy_step}")
         if self.version != CONFIG_VERSION:

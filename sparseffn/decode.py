@@ -13,6 +13,8 @@ Plans (decided once, at patch time, from the gated sites and the modules found):
             rows of neurons with h != 0 (down stored input-major).
     "topk"  per-token top-k of |act(gate)|: dense gate, top-k mask, ``output_sparse_gemv`` for
             the up rows, ``input_sparse_gemv`` for the down rows.
+    "predict" a trained predictor's top-k neurons: ``sparse_gated_mlp`` with the mask, which
+            reads the gate, up and down rows of active neurons only.
     "input" TEAL/WINA on the MLP: ``input_sparse_gemv`` for every gated projection (gated
             projections stored input-major), dense ``F.linear`` for ungated ones.
 Attention projections (``SparseLinear``) always use ``input_sparse_gemv``.
@@ -90,6 +92,14 @@ def gated_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, thresho
 def down_nonzero(h: torch.Tensor, w_down: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """h [B, I] @ w_down.T reading only the rows of neurons with h != 0 (``zero`` = 0.0)."""
     return torch.ops.sparseffn.input_sparse_gemv(h, w_down.t(), threshold=zero)
+
+
+def gated_masked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 w_down: torch.Tensor, mask: torch.Tensor, activation: str) -> torch.Tensor:
+    """The whole MLP [B, H] -> [B, H] on the neurons of ``mask`` [B, I] only: gate, up and
+    down rows of the others are never read (down stored input-major)."""
+    return torch.ops.sparseffn.sparse_gated_mlp(x, w_gate, w_up, w_down.t(), mask=mask,
+                                                activation=activation)
 
 
 def up_masked(x: torch.Tensor, w_up: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,17 @@ class TopK(Method):
         return torch.tensor(float(sparsity))
 
 
+class Predictor(TopK):
+    """The k neurons a trained low-rank predictor scores highest from the MLP input (Deja Vu,
+    PowerInfer); skips gate rows too. Trained by ``calibrate.predictor``; the site's
+    "threshold" is the sparsity, as for top-k."""
+
+    name = "predictor"
+    needs_calibration = True
+
+
 def get_method(name: str, spec: FamilySpec) -> Method:
     """The method called ``name``, bound to the model family ``spec``."""
-    classes = {"teal": Teal, "wina": Wina, "cats": Cats, "chess": Chess, "topk": TopK}
+    classes = {"teal": Teal, "wina": Wina, "cats": Cats, "chess": Chess, "topk": TopK,
+               "predictor": Predictor}
     return classes[name](spec)

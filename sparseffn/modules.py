@@ -195,10 +195,14 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         ``act``: neuron i is active when |act(gate(x))_i| > threshold_i (CATS, CHESS), or is
             among the ``topk`` largest of its token; an inactive neuron skips its up row and
             down column.
+        ``predictor`` (A [r, H], B [I, r]): the ``topk`` neurons are those with the largest
+            scores B (A x) instead of |act(gate(x))|, so the gate rows of inactive neurons are
+            skipped too (Deja Vu; trained by ``calibrate.predictor``).
     """
 
     def __init__(self, base: nn.Module, spec: FamilySpec, thresholds: dict[str, torch.Tensor],
-                 topk_sparsity: float | None = None) -> None:
+                 topk_sparsity: float | None = None,
+                 predictor: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.base = base
         self.spec = spec
@@ -209,10 +213,22 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         inter, hidden = base.down_proj.weight.shape[1], base.down_proj.weight.shape[0]
         self.intermediate_size = inter
         self.sites = tuple(thresholds) + (("act",) if topk_sparsity is not None else ())
+        self.has_predictor = predictor is not None
+        if predictor is not None:
+            if topk_sparsity is None:
+                raise ValueError("a predictor needs topk_sparsity (how many neurons it keeps)")
+            a, b = predictor
+            if a.shape[1] != hidden or b.shape[0] != inter or a.shape[0] != b.shape[1]:
+                raise ValueError(f"predictor shapes {list(a.shape)}, {list(b.shape)} do not fit "
+                                 f"an MLP of hidden {hidden} and intermediate {inter}")
+            dtype = base.down_proj.weight.dtype
+            self.register_buffer("pred_a", a.detach().to(device=device, dtype=dtype, copy=True))
+            self.register_buffer("pred_b", b.detach().to(device=device, dtype=dtype, copy=True))
         self.counters = nn.ModuleDict()
         for site in self.sites:
             if site == "act":
-                covered = 2 * inter * hidden  # up row + down column per neuron
+                # up row + down column per neuron, and its gate row under a predictor
+                covered = (3 if predictor is not None else 2) * inter * hidden
             elif site == "down_proj":
                 covered = base.down_proj.weight.numel()
             else:
@@ -233,13 +249,15 @@ class SparseGatedMLP(_KernelPath, nn.Module):
             return "input", None
         if self.sites != ("act",) or any(lin.bias is not None for lin in linears):
             return None, None
+        act = decode.kernel_activation(activation(spec, base))
+        if self.has_predictor:
+            return ("predict", act) if act is not None else (None, None)
         if self.topk_sparsity is not None:
             return "topk", None
-        act = decode.kernel_activation(activation(spec, base))
         return ("act", act) if act is not None else (None, None)
 
     def _kernel_linears(self) -> list[nn.Module]:
-        if self.plan in ("act", "topk"):
+        if self.plan in ("act", "topk", "predict"):
             return [self.base.down_proj]
         if self.plan == "input":
             return [getattr(self.base, site) for site in self.sites]
@@ -259,6 +277,10 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         """Neurons kept per token under top-k."""
         return self.intermediate_size - round(self.topk_sparsity * self.intermediate_size)
 
+    def predictor_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> neuron scores [..., I] of the predictor (higher: more likely needed)."""
+        return F.linear(F.linear(x, self.pred_a), self.pred_b)
+
     def _topk_mask(self, magnitude: torch.Tensor) -> torch.Tensor:
         keep = magnitude.topk(self.topk(), dim=-1).indices
         return torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)
@@ -272,7 +294,13 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         """One decode step through the kernels: x [B, 1, H] -> [B, 1, H]."""
         x2 = x.reshape(x.shape[0], x.shape[-1])
         base, down = self.base, self.base.down_proj
-        if self.plan == "act":
+        if self.plan == "predict":
+            w_gate, w_up = self._gate_up_weights()
+            mask = self._topk_mask(self.predictor_scores(x2))
+            if self.track:
+                self.counters["act"].count(mask)
+            y = decode.gated_masked(x2, w_gate, w_up, down.weight, mask, self.kernel_act)
+        elif self.plan == "act":
             w_gate, w_up = self._gate_up_weights()
             h = decode.gated_act(x2, w_gate, w_up, self.threshold("act"), self.kernel_act)
             if self.track:
@@ -321,8 +349,12 @@ class SparseGatedMLP(_KernelPath, nn.Module):
             observe("up", up)
         t_act = self.threshold("act")
         if t_act is not None or self.topk_sparsity is not None:
-            magnitude = act.abs()
-            mask = above(magnitude, t_act) if t_act is not None else self._topk_mask(magnitude)
+            if self.has_predictor:
+                mask = self._topk_mask(self.predictor_scores(x))
+            elif t_act is not None:
+                mask = above(act.abs(), t_act)
+            else:
+                mask = self._topk_mask(act.abs())
             if self.track:
                 self.counters["act"].count(mask)
             h = torch.where(mask, act * up, 0)
@@ -334,4 +366,5 @@ class SparseGatedMLP(_KernelPath, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sites={self.sites}, topk_sparsity={self.topk_sparsity}, "
+                f"predictor={tuple(self.pred_a.shape) if self.has_predictor else None}, "
                 f"decode_plan={self.plan}, kernel_mode={self.kernel_mode}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from calibrate.artifact import Calibration
+from sparseffn.config import RANKED_METHODS
 from sparseffn.decode import KERNEL_MODES
 from sparseffn.errors import PatchStateError, SparseFFNError
 from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
@@ -40,14 +41,16 @@ def patch_state(model: nn.Module) -> PatchState:
 
 
 def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, torch.Tensor],
-                   topk_sparsity: float | None) -> dict[tuple[nn.Module, str], nn.Module]:
+                   topk_sparsity: float | None,
+                   predictor: tuple[torch.Tensor, torch.Tensor] | None
+                   ) -> dict[tuple[nn.Module, str], nn.Module]:
     """New modules for one layer, keyed by (parent, attribute)."""
     mlp, attn = layer_mlp(layer), layer_attn(layer)
     mlp_sites = {s: t for s, t in thresholds.items()
                  if s in (*spec.mlp_in, "down_proj") or (s == "act" and topk_sparsity is None)}
     new: dict[tuple[nn.Module, str], nn.Module] = {}
     if mlp_sites or topk_sparsity is not None:
-        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, mlp_sites, topk_sparsity)
+        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, mlp_sites, topk_sparsity, predictor)
     for site in (*spec.attn_in, spec.attn_out):
         if site in thresholds:
             new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site], site)
@@ -70,12 +73,13 @@ def install(model: nn.Module, calibration: Calibration,
             "sparseffn.set_sparsity(model, s) to change its level"
         )
     spec = family_of(model)
-    topk = calibration.config.method == "topk"
+    ranked = calibration.config.method in RANKED_METHODS
     swaps: dict[tuple[nn.Module, str], nn.Module] = {}
     for i, layer in enumerate(decoder_layers(model)):
         thresholds = calibration.layer_thresholds(i)
-        topk_sparsity = float(thresholds["act"]) if topk and "act" in thresholds else None
-        swaps.update(_layer_modules(spec, layer, thresholds, topk_sparsity))
+        topk_sparsity = float(thresholds["act"]) if ranked and "act" in thresholds else None
+        swaps.update(_layer_modules(spec, layer, thresholds, topk_sparsity,
+                                    calibration.layer_predictor(i)))
     for (parent, name), module in swaps.items():
         setattr(parent, name, module)
     setattr(model, STATE_ATTR, PatchState(spec, calibration))

@@ -33,7 +33,8 @@ class SparsityReport:
     Attributes:
         sites: one entry per gated site.
         overall: skipped fraction of the bytes of the sparsified projections.
-        ffn_bytes_skipped: skipped fraction of all FFN (gate, up, down) weight bytes.
+        ffn_bytes_skipped: skipped fraction of all FFN (gate, up, down) weight bytes, net of
+            the neuron predictors' weights, which every step reads.
         all_bytes_skipped: skipped fraction of all projection (attention + FFN) weight bytes.
     """
 
@@ -77,16 +78,18 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             off = 1.0 - int(counter.active) / total if total else 0.0
             target = state.calibration.sparsities.get(f"layers.{layer}.{name}", 0.0)
             sites.append(SiteSparsity(layer, name, off, target, counter.covered_elements, total))
-    ffn_total = attn_total = 0
+    ffn_total = attn_total = extra = 0
     for layer in decoder_layers(model):
         mlp = layer_mlp(layer)
+        if isinstance(mlp, SparseGatedMLP) and mlp.has_predictor:
+            extra += mlp.pred_a.numel() + mlp.pred_b.numel()  # read every step, never skipped
         mlp = mlp.base if isinstance(mlp, SparseGatedMLP) else mlp
         ffn_total += sum(p.numel() for p in mlp.parameters())
         attn = layer_attn(layer)
         attn_total += sum(m.weight.numel() for m in attn.modules() if isinstance(m, nn.Linear))
-    skipped = sum(s.sparsity * s.covered_elements for s in sites)
+    skipped = sum(s.sparsity * s.covered_elements for s in sites) - extra
     ffn_skipped = sum(s.sparsity * s.covered_elements for s in sites
-                      if s.site in ("act", "down_proj", *state.spec.mlp_in))
+                      if s.site in ("act", "down_proj", *state.spec.mlp_in)) - extra
     return SparsityReport(sites, _weighted(sites), ffn_skipped / ffn_total,
                           skipped / (ffn_total + attn_total))
 

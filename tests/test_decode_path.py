@@ -26,7 +26,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CALIB = dict(n_tokens=1024, progress=False)
 # Calibration on token ids (no tokenizer needed, so this file also runs on a bare GPU machine).
 IDS = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
-KERNEL_FUNCS = ("linear", "gated_act", "down_nonzero", "up_masked", "down_masked")
+KERNEL_FUNCS = ("linear", "gated_act", "down_nonzero", "up_masked", "down_masked",
+                "gated_masked")
 
 # (family, method, scope, decode functions that must run)
 CASES = [
@@ -35,6 +36,8 @@ CASES = [
     ("llama", "teal", "all", {"linear"}),
     ("llama", "wina", "all", {"linear"}),
     ("llama", "topk", "mlp", {"up_masked", "down_masked"}),
+    ("llama", "predictor", "mlp", {"gated_masked"}),
+    ("phi3", "predictor", "mlp", {"gated_masked"}),  # fused gate_up
     ("gemma", "chess", "mlp", {"gated_act", "down_nonzero"}),  # tanh-GELU
     ("phi3", "teal", "all", {"linear"}),  # fused qkv and gate_up
     ("phi3", "cats", "mlp", {"gated_act", "down_nonzero"}),

@@ -10,7 +10,7 @@ from tests.conftest import TINY_FAMILIES, tiny_model
 
 CALIB = dict(n_tokens=2048, seq_len=256, progress=False)
 METHOD_SCOPES = [("teal", "mlp"), ("teal", "all"), ("wina", "all"), ("cats", "mlp"),
-                 ("chess", "mlp"), ("topk", "mlp")]
+                 ("chess", "mlp"), ("topk", "mlp"), ("predictor", "mlp")]
 
 
 def logits(model, ids):
@@ -38,7 +38,8 @@ def test_every_family_patches_generates_and_unpatches(family, tokenizer, texts):
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("method,scope", METHOD_SCOPES, ids=[f"{m}-{s}" for m, s in METHOD_SCOPES])
+@pytest.mark.parametrize("method,scope", METHOD_SCOPES,
+                         ids=[f"{m}-{s}" for m, s in METHOD_SCOPES])
 def test_sparsity_zero_matches_dense_exactly(method, scope, tokenizer, texts):
     model = tiny_model("llama")
     ids = torch.randint(3, 1000, (2, 16))
@@ -49,7 +50,7 @@ def test_sparsity_zero_matches_dense_exactly(method, scope, tokenizer, texts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("method", ["chess", "teal"])
+@pytest.mark.parametrize("method", ["chess", "teal", "predictor"])
 def test_dtypes_run_and_measure(method, dtype, tokenizer, texts):
     model = tiny_model("qwen2", dtype=dtype)
     sparseffn.sparsify(model, method, 0.6, texts, tokenizer=tokenizer, **CALIB)
