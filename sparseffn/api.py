@@ -33,8 +33,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
     Args:
         model: a transformers causal LM of a registered family
             (``sparseffn.SUPPORTED_MODEL_TYPES``).
-        method: "teal", "wina", "cats", "chess" or "topk" (default "chess"; ignored when
-            loading a saved calibration, which carries its method).
+        method: "teal", "wina", "cats", "chess", "topk" or "predictor" (default "chess";
+            ignored when loading a saved calibration, which carries its method).
         sparsity: target fraction in [0, 1) (default 0.5). With a saved calibration, a value
             here refits its thresholds from the stored statistics.
         calibration: text to fit on now (a built-in source name such as "austen", a list of
