@@ -115,12 +115,12 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
         if config.method == "predictor":
             sparsities = uniform_sparsities(config, method, spec, num_layers)
             per_layer = [sparsities[f"layers.{i}.act"] for i in range(num_layers)]
-            predictors, metrics = train_predictors(
+            predictors, grids, metrics = train_predictors(
                 model, windows, per_layer, config.predictor_rank, config.predictor_epochs,
                 batch_size=batch_size, progress=progress)
             return Calibration(config, scaffold.fingerprint, sparsities,
-                               fit_thresholds(method, {}, sparsities), {}, {**meta, **metrics},
-                               predictors)
+                               fit_thresholds(method, grids, sparsities), grids,
+                               {**meta, **metrics}, predictors)
         stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
                                    progress, desc="calibrating (dense pass)")
         if config.allocation == "greedy":

@@ -10,8 +10,15 @@ with the largest |act(gate(x)) * up(x)| (the down projection's input, i.e. the n
 contribution to the output is largest) are positives. The predictor, scores = B (A x) with
 A [r, H] and B [I, r], is trained with binary cross-entropy on the layer's real inputs, online:
 each calibration batch's activations train every layer's predictor as the batch flows through
-the model, so no activations are stored and memory stays that of one batch. At run time the
-k highest-scoring neurons of each token are active (exactly the target sparsity per token).
+the model, so no activations are stored and memory stays that of one batch.
+
+At run time neuron i is active when its score is above the layer's threshold, fitted so that
+the mean fraction of inactive neurons on the calibration text is the target (as CATS does
+with |act|). A per-token top-k would hit the target exactly per token, but ``torch.topk`` over
+14336 neurons made a Llama-3-8B-shaped decode step slower than dense on an H200 (0.73x at 50%,
+docs/e2e.md); a threshold is one elementwise compare. A last pass records a sample of the
+trained predictor's scores; their quantiles (``SCORE_GRID`` points) are stored as the layer's
+statistics, so the threshold can be refitted at another sparsity without data.
 """
 from __future__ import annotations
 
@@ -22,10 +29,14 @@ from tqdm.auto import tqdm
 
 from sparseffn.errors import CalibrationError
 from sparseffn.families import decoder_layers
+from sparseffn.methods import SCORE_GRID_KEY
 from sparseffn.patching import sparse_modules
 
 #: Tokens per optimizer step; a calibration batch of 4 x 512 tokens gives 8 steps.
 MINIBATCH_TOKENS = 256
+#: Scores sampled per layer and batch in the last epoch, and quantile points kept of them.
+SCORE_SAMPLES = 65536
+SCORE_GRID = 1025
 
 
 def default_rank(hidden: int) -> int:
@@ -55,6 +66,9 @@ class _LayerTrainer:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.recall_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.batches = 0
+        self.training = True  # False: score with the final weights and record the scores
+        self.samples: list[torch.Tensor] = []
+        self.generator = generator
 
     def report(self, signal: str, value: torch.Tensor) -> None:
         if signal == "mlp_in":
@@ -63,13 +77,16 @@ class _LayerTrainer:
             self.act = value.detach().reshape(-1, value.shape[-1])
         elif signal == "up" and self.x is not None and self.act is not None:
             importance = (self.act * value.detach().reshape(-1, value.shape[-1])).float().abs()
-            self._train(self.x, importance)
+            labels = torch.zeros_like(importance)
+            labels.scatter_(-1, importance.topk(self.keep, dim=-1).indices, 1.0)
+            if self.training:
+                self._train(self.x, labels)
+            else:
+                self._score(self.x, labels)
             self.x = self.act = None
 
-    def _train(self, x: torch.Tensor, importance: torch.Tensor) -> None:
-        """x [T, H], importance [T, I]: Adam steps on minibatches of MINIBATCH_TOKENS."""
-        labels = torch.zeros_like(importance)
-        labels.scatter_(-1, importance.topk(self.keep, dim=-1).indices, 1.0)
+    def _train(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """x [T, H], labels [T, I] (1: among the token's top-k): Adam steps on minibatches."""
         with torch.enable_grad():
             for xb, yb in zip(x.split(MINIBATCH_TOKENS), labels.split(MINIBATCH_TOKENS)):
                 scores = F.linear(F.linear(xb, self.a), self.b)
@@ -77,32 +94,56 @@ class _LayerTrainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-        with torch.no_grad():
-            scores = F.linear(F.linear(x, self.a), self.b)
-            picked = torch.zeros_like(labels).scatter_(-1, scores.topk(self.keep, -1).indices, 1.0)
-            self.recall_sum += (picked * labels).sum() / labels.sum().clamp_min(1)
-            self.loss_sum += loss.detach()
+
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Loss, top-k recall and a sample of the scores of the final weights."""
+        scores = F.linear(F.linear(x, self.a), self.b)
+        picked = torch.zeros_like(labels).scatter_(-1, scores.topk(self.keep, -1).indices, 1.0)
+        self.recall_sum += (picked * labels).sum() / labels.sum().clamp_min(1)
+        self.loss_sum += F.binary_cross_entropy_with_logits(scores, labels)
+        flat = scores.flatten()
+        pick = torch.randperm(flat.numel(), generator=self.generator)[:SCORE_SAMPLES]
+        self.samples.append(flat[pick.to(flat.device)].cpu())
         self.batches += 1
 
-    def reset_metrics(self) -> None:
-        self.loss_sum.zero_()
-        self.recall_sum.zero_()
-        self.batches = 0
+    def score_grid(self) -> torch.Tensor:
+        """Quantiles [SCORE_GRID] of the recorded scores, at 0, 1/(SCORE_GRID-1), ..., 1."""
+        scores = torch.cat(self.samples).double()
+        return torch.quantile(scores, torch.linspace(0, 1, SCORE_GRID, dtype=torch.float64))
+
+
+def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) windows: the last eighth (at least one) is held out.
+
+    The thresholds come from scores on windows the predictor never trained on: on its own
+    training tokens it is overconfident (on a tiny random model, a threshold fitted there for
+    70% gave 41% on fresh tokens), and so is its recall.
+    """
+    if len(windows) < 2:
+        return windows, windows
+    n_held = max(1, len(windows) // 8)
+    return windows[:-n_held], windows[-n_held:]
 
 
 def train_predictors(model: nn.Module, windows: torch.Tensor, sparsity: list[float],
                      rank: int = 0, epochs: int = 4, lr: float = 3e-3, batch_size: int = 4,
                      progress: bool = True, seed: int = 0
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                dict[str, float]]:
     """Train one predictor per decoder layer on ``windows`` [N, L] of token ids, layer i for
     the neuron sparsity ``sparsity[i]``.
 
     ``model`` must be patched with zero thresholds (it computes the dense function); its
-    wrappers report each MLP's input and activations. Every epoch is one pass over the windows.
+    wrappers report each MLP's input and activations. Every epoch is one pass over the training
+    windows; a last pass scores the held-out ones (``split_windows``) with the final weights,
+    for the thresholds' quantiles and the reported loss and recall.
 
     Returns:
         (``{"layers.{i}.a": [r, H], "layers.{i}.b": [I, r]}`` float32 on the CPU,
-         metrics of the last epoch: mean BCE loss and mean top-k recall over layers).
+         ``{"layers.{i}.score_grid": [SCORE_GRID]}`` score quantiles (float64),
+         metrics of the final weights on the held-out windows: mean BCE loss and mean top-k
+         recall over layers).
     """
     if epochs < 1:
         raise CalibrationError(f"predictor epochs must be >= 1, got {epochs}")
@@ -122,25 +163,30 @@ def train_predictors(model: nn.Module, windows: torch.Tensor, sparsity: list[flo
         for i, mlp in wrappers:
             mlp.observe = trainers[i].report
             mlp.track = False
-        for epoch in range(epochs):
+        train, held = split_windows(windows)
+        for epoch in range(epochs + 1):  # the last pass only scores, with the final weights
             for t in trainers.values():
-                t.reset_metrics()
+                t.training = epoch < epochs
+            desc = (f"training predictors (epoch {epoch + 1}/{epochs})" if epoch < epochs
+                    else "scoring predictors (held-out windows)")
             with torch.no_grad():
-                for batch in tqdm(windows.split(batch_size), unit="batch", disable=not progress,
-                                  desc=f"training predictors (epoch {epoch + 1}/{epochs})"):
+                for batch in tqdm((train if epoch < epochs else held).split(batch_size),
+                                  unit="batch", disable=not progress, desc=desc):
                     model(input_ids=batch.to(device), use_cache=False)
     finally:
         for _, mlp in wrappers:
             mlp.observe = None
             mlp.track = True
     out: dict[str, torch.Tensor] = {}
+    grids: dict[str, torch.Tensor] = {}
     for i, t in trainers.items():
         if not (torch.isfinite(t.a).all() and torch.isfinite(t.b).all()):
             raise CalibrationError(f"predictor training diverged in layer {i} (non-finite "
                                    "weights); lower the learning rate or check the model")
         out[f"layers.{i}.a"] = t.a.detach().cpu().contiguous()
         out[f"layers.{i}.b"] = t.b.detach().cpu().contiguous()
+        grids[f"layers.{i}.{SCORE_GRID_KEY}"] = t.score_grid()
     n = sum(t.batches for t in trainers.values())
     metrics = {"predictor_loss": float(sum(t.loss_sum for t in trainers.values()) / max(n, 1)),
                "predictor_recall": float(sum(t.recall_sum for t in trainers.values()) / max(n, 1))}
-    return out, metrics
+    return out, grids, metrics

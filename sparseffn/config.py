@@ -10,7 +10,7 @@ from sparseffn.errors import SparseFFNError
 CONFIG_VERSION = 1
 METHODS = ("teal", "wina", "cats", "chess", "topk", "predictor")
 #: Methods that pick a fixed number of neurons per token (their "threshold" is the sparsity).
-RANKED_METHODS = ("topk", "predictor")
+RANKED_METHODS = ("topk",)
 # Methods that gate each linear's input (and so can cover attention projections too).
 INPUT_METHODS = ("teal", "wina")
 SCOPES = ("mlp", "all")

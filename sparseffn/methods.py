@@ -182,13 +182,34 @@ class TopK(Method):
         return torch.tensor(float(sparsity))
 
 
-class Predictor(TopK):
-    """The k neurons a trained low-rank predictor scores highest from the MLP input (Deja Vu,
-    PowerInfer); skips gate rows too. Trained by ``calibrate.predictor``; the site's
-    "threshold" is the sparsity, as for top-k."""
+class Predictor(Method):
+    """Neuron i is active when a trained low-rank predictor's score B (A x) is above the
+    layer's threshold (Deja Vu, PowerInfer); skips gate rows too. Trained by
+    ``calibrate.predictor``, whose score quantiles are this method's statistics."""
 
     name = "predictor"
-    needs_calibration = True
+
+    def stat_specs(self, spec: FamilySpec, scope: str) -> tuple[StatSpec, ...]:
+        return ()  # the predictor trainer records its own statistics
+
+    def fit(self, stats: dict[str, torch.Tensor], site: str, sparsity: float) -> torch.Tensor:
+        return threshold_from_grid(stats[SCORE_GRID_KEY], sparsity)
+
+
+#: Statistic of the predictor method: quantiles of its scores on the calibration text.
+SCORE_GRID_KEY = "score_grid"
+
+
+def threshold_from_grid(grid: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Score threshold leaving ``sparsity`` of the scores at or below it, from their quantiles
+    ``grid`` [G] at 0, 1/(G-1), ..., 1 (float32 []); -inf at sparsity 0, so every neuron stays
+    and the MLP is exactly dense."""
+    if sparsity <= 0:
+        return torch.tensor(float("-inf"))
+    pos = sparsity * (grid.numel() - 1)
+    lo = min(int(pos), grid.numel() - 2)
+    frac = pos - lo
+    return (grid[lo] + frac * (grid[lo + 1] - grid[lo])).float()
 
 
 def get_method(name: str, spec: FamilySpec) -> Method:

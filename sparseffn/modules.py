@@ -195,9 +195,9 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         ``act``: neuron i is active when |act(gate(x))_i| > threshold_i (CATS, CHESS), or is
             among the ``topk`` largest of its token; an inactive neuron skips its up row and
             down column.
-        ``predictor`` (A [r, H], B [I, r]): the ``topk`` neurons are those with the largest
-            scores B (A x) instead of |act(gate(x))|, so the gate rows of inactive neurons are
-            skipped too (Deja Vu; trained by ``calibrate.predictor``).
+        ``predictor`` (A [r, H], B [I, r]): with an ``act`` threshold, neuron i is active when
+            its score B (A x) is above it instead of |act(gate(x))|, so the gate rows of
+            inactive neurons are skipped too (Deja Vu; trained by ``calibrate.predictor``).
     """
 
     def __init__(self, base: nn.Module, spec: FamilySpec, thresholds: dict[str, torch.Tensor],
@@ -215,8 +215,8 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         self.sites = tuple(thresholds) + (("act",) if topk_sparsity is not None else ())
         self.has_predictor = predictor is not None
         if predictor is not None:
-            if topk_sparsity is None:
-                raise ValueError("a predictor needs topk_sparsity (how many neurons it keeps)")
+            if "act" not in thresholds:
+                raise ValueError("a predictor needs an 'act' threshold on its scores")
             a, b = predictor
             if a.shape[1] != hidden or b.shape[0] != inter or a.shape[0] != b.shape[1]:
                 raise ValueError(f"predictor shapes {list(a.shape)}, {list(b.shape)} do not fit "
@@ -296,7 +296,7 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         base, down = self.base, self.base.down_proj
         if self.plan == "predict":
             w_gate, w_up = self._gate_up_weights()
-            mask = self._topk_mask(self.predictor_scores(x2))
+            mask = above(self.predictor_scores(x2), self.threshold("act"))
             if self.track:
                 self.counters["act"].count(mask)
             y = decode.gated_masked(x2, w_gate, w_up, down.weight, mask, self.kernel_act)
@@ -350,7 +350,7 @@ class SparseGatedMLP(_KernelPath, nn.Module):
         t_act = self.threshold("act")
         if t_act is not None or self.topk_sparsity is not None:
             if self.has_predictor:
-                mask = self._topk_mask(self.predictor_scores(x))
+                mask = above(self.predictor_scores(x), t_act)
             elif t_act is not None:
                 mask = above(act.abs(), t_act)
             else:

@@ -31,7 +31,7 @@ def heldout_recall(model, ids: torch.Tensor, untrained: bool = False) -> float:
             model(input_ids=ids)
         mlp.observe = None
         x, act, up = seen["mlp_in"], seen["act"], seen["up"]
-        k = mlp.topk()
+        k = keep_count(mlp.intermediate_size, 0.5)
         truth = (act * up).abs().topk(k, dim=-1).indices
         if untrained:
             a, b = (torch.randn(p.shape, generator=g) for p in (mlp.pred_a, mlp.pred_b))
@@ -53,17 +53,23 @@ def test_trained_predictor_beats_an_untrained_one_on_heldout_tokens():
     heldout = torch.randint(3, 1000, (2, 64), generator=torch.Generator().manual_seed(5))
     trained, untrained = heldout_recall(model, heldout), heldout_recall(model, heldout, True)
     assert trained > 0.54 and untrained < 0.53, (trained, untrained)
+    # The reported recall is measured on held-out calibration windows, also above chance.
+    assert sparseffn.get_calibration(model).meta["predictor_recall"] > 0.53
 
 
-def test_exact_per_token_sparsity_and_bytes_net_of_the_predictor():
+def test_measured_sparsity_near_target_and_bytes_net_of_the_predictor():
     model = tiny_model("llama")
     sparseffn.sparsify(model, "predictor", 0.7, IDS, **CALIB)
     sparseffn.reset_sparsity_stats(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 1000, (2, 20)))
+        model(input_ids=torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(9)))
     report = sparseffn.sparsity_report(model)
     inter = model.config.intermediate_size
-    assert report.overall == pytest.approx(1 - keep_count(inter, 0.7) / inter, abs=1e-9)
+    # Fresh tokens, one threshold per layer fitted on held-out calibration windows. On this
+    # random model single 512-token windows measured 0.57-0.77 (the real-model test in
+    # test_smollm2 holds the 2-point bound); a threshold fitted on the training windows
+    # themselves measured 0.46.
+    assert report.overall == pytest.approx(0.7, abs=0.1)
     # gate, up and down rows of inactive neurons, less the predictor's own weights
     mlp = mlps(model)[0]
     per_layer = 3 * inter * model.config.hidden_size
@@ -88,14 +94,14 @@ def test_save_load_keeps_the_predictors_and_the_function(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, first)
 
 
-def test_set_sparsity_changes_how_many_neurons_stay():
+def test_set_sparsity_refits_the_score_threshold_from_stored_quantiles():
     model = tiny_model("llama")
     sparseffn.sparsify(model, "predictor", 0.5, IDS, **CALIB)
     sparseffn.set_sparsity(model, 0.8)
     sparseffn.reset_sparsity_stats(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 1000, (1, 12)))
-    assert sparseffn.sparsity_report(model).overall == pytest.approx(0.8, abs=0.01)
+        model(input_ids=torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(9)))
+    assert sparseffn.sparsity_report(model).overall == pytest.approx(0.8, abs=0.1)
 
 
 def test_artifact_missing_a_layers_predictor_is_refused(tmp_path):
