@@ -10,7 +10,8 @@ from sparseffn.cli import main
 def test_bench_e2e_cli_smoke(tmp_path):
     out = tmp_path / "e2e.csv"
     rc = main(["bench", "e2e", "--shape", "tiny-llama", "--dtype", "float32", "--device", "cpu",
-               "--methods", "cats", "teal:all", "predictor", "--sparsities", "0.5", "--harnesses", "lean",
+               "--methods", "cats", "teal:all", "predictor",
+               "--sparsities", "0.5", "--harnesses", "lean",
                "--batches", "1", "--prompts", "16", "--new-tokens", "4", "--repeats", "1",
                "--calib-tokens", "1024", "--calib-seq-len", "128", "--kernel-mode", "never",
                "--csv", str(out), "--plot", str(tmp_path / "e2e.png")])

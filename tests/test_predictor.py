@@ -15,6 +15,11 @@ IDS = torch.randint(3, 1000, (16, 256), generator=torch.Generator().manual_seed(
 CALIB = dict(n_tokens=4096, progress=False)
 
 
+def fresh_ids() -> torch.Tensor:
+    """Tokens the calibration never saw: [8, 256]."""
+    return torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(9))
+
+
 def mlps(model):
     return [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
 
@@ -62,7 +67,7 @@ def test_measured_sparsity_near_target_and_bytes_net_of_the_predictor():
     sparseffn.sparsify(model, "predictor", 0.7, IDS, **CALIB)
     sparseffn.reset_sparsity_stats(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(9)))
+        model(input_ids=fresh_ids())
     report = sparseffn.sparsity_report(model)
     inter = model.config.intermediate_size
     # Fresh tokens, one threshold per layer fitted on held-out calibration windows. On this
@@ -100,7 +105,7 @@ def test_set_sparsity_refits_the_score_threshold_from_stored_quantiles():
     sparseffn.set_sparsity(model, 0.8)
     sparseffn.reset_sparsity_stats(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(9)))
+        model(input_ids=fresh_ids())
     assert sparseffn.sparsity_report(model).overall == pytest.approx(0.8, abs=0.1)
 
 
