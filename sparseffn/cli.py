@@ -45,9 +45,12 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     import sparseffn
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    sparseffn.sparsify(model, args.method, args.sparsity, args.data, tokenizer=tokenizer,
-                       scope=args.scope, allocation=args.allocation, n_tokens=args.tokens,
-                       seq_len=args.seq_len)
+    config = sparseffn.SparsityConfig(method=args.method, sparsity=args.sparsity,
+                                      scope=args.scope, allocation=args.allocation,
+                                      predictor_rank=args.predictor_rank,
+                                      predictor_epochs=args.predictor_epochs)
+    sparseffn.sparsify(model, calibration=args.data, tokenizer=tokenizer, config=config,
+                       n_tokens=args.tokens, seq_len=args.seq_len)
     path = sparseffn.save_calibration(model, args.out, overwrite=args.overwrite)
     print(f"saved {args.method} calibration at sparsity {args.sparsity} to {path}")
 
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--scope", default="mlp", choices=SCOPES)
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    p.add_argument("--predictor-rank", type=int, default=0,
+                   help="rank of the predictor method's networks (0: hidden / 16 in [64, 1024])")
+    p.add_argument("--predictor-epochs", type=int, default=4,
+                   help="passes over the calibration text that train the predictors")
     p.add_argument("--out", required=True, help="folder for the calibration artifact")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_calibrate)
