@@ -11,6 +11,7 @@ from sparseffn.eval.perplexity import perplexity
 pytestmark = pytest.mark.slow
 TARGETS = (0.25, 0.4, 0.5, 0.65)
 METHODS = ("teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk")
+RECALL_FLOOR = 0.55  # chance is 0.5 at 50%
 
 
 @pytest.fixture(scope="module")
