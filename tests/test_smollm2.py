@@ -11,7 +11,8 @@ from sparseffn.eval.perplexity import perplexity
 pytestmark = pytest.mark.slow
 TARGETS = (0.25, 0.4, 0.5, 0.65)
 METHODS = ("teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk")
-RECALL_FLOOR = 0.55  # chance is 0.5 at 50%
+# Chance is 0.5 at 50%; this test's predictor measured 0.624 here (and 0.488 sparsity).
+RECALL_FLOOR = 0.58
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,13 @@ def test_sparsity_zero_and_undo_on_real_model(builtin, heldout):
 
 
 def test_predictor_on_real_model_hits_target_and_predicts(builtin, heldout):
-    """Predictors trained on 4096 Austen tokens (2 epochs): the score threshold, fitted on
-    held-out calibration windows, gives the target on Persuasion, and the predictor finds
+    """Predictors trained on 8192 Austen tokens (2 epochs): the score threshold, fitted on
+    1024 held-out calibration tokens, gives the target on Persuasion, and the predictor finds
     far more of each token's most important neurons than chance (k / I = 0.5)."""
     model, tokenizer = builtin
     config = sparseffn.SparsityConfig(method="predictor", sparsity=0.5, predictor_epochs=2)
     sparseffn.sparsify(model, calibration="austen", tokenizer=tokenizer, config=config,
-                       n_tokens=4096, progress=False)
+                       n_tokens=8192, seq_len=256, progress=False)
     try:
         sparseffn.reset_sparsity_stats(model)
         perplexity(model, heldout)
