@@ -56,7 +56,7 @@ def test_sparsity_zero_and_undo_on_real_model(builtin, heldout):
 def test_predictor_on_real_model_hits_target_and_predicts(builtin, heldout):
     """Predictors trained on 8192 Austen tokens (2 epochs): the score threshold, fitted on
     1024 held-out calibration tokens, gives the target on Persuasion, and the predictor finds
-    far more of each token's most important neurons than chance (k / I = 0.5)."""
+    more of each token's most important neurons than chance (k / I = 0.5)."""
     model, tokenizer = builtin
     config = sparseffn.SparsityConfig(method="predictor", sparsity=0.5, predictor_epochs=2)
     sparseffn.sparsify(model, calibration="austen", tokenizer=tokenizer, config=config,
