@@ -34,7 +34,7 @@ from sparseffn.patching import sparse_modules
 
 #: Tokens per optimizer step; a calibration batch of 4 x 512 tokens gives 8 steps.
 MINIBATCH_TOKENS = 256
-#: Scores sampled per layer and batch in the last epoch, and quantile points kept of them.
+#: Scores sampled per layer and batch in the scoring pass, and quantile points kept of them.
 SCORE_SAMPLES = 65536
 SCORE_GRID = 1025
 
