@@ -9,6 +9,8 @@ the layer's own device (so ``device_map``-split models work); results move to th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -98,6 +100,26 @@ class LayerObserver:
 
 
 @torch.no_grad()
+def run_observed(model: nn.Module, callbacks: list[tuple[nn.Module, Callable]],
+                 windows: torch.Tensor, batch_size: int, progress: bool, desc: str) -> None:
+    """Run ``windows`` [N, L] through ``model`` with each wrapper's ``observe`` set to its
+    callback and counting off (calibration passes are not measurements); both are restored
+    afterwards, also on error."""
+    try:
+        for module, callback in callbacks:
+            module.observe = callback
+            module.track = False
+        device = model.get_input_embeddings().weight.device
+        with torch.no_grad():
+            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch",
+                              disable=not progress):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for module, _ in callbacks:
+            module.observe = None
+            module.track = True
+
+
 def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope: str,
                        windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
                        desc: str = "calibrating") -> dict[str, torch.Tensor]:
@@ -109,19 +131,8 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
     specs = method.stat_specs(spec, scope)
     layers = decoder_layers(model)
     observers = [LayerObserver(i, layer, spec, specs) for i, layer in enumerate(layers)]
-    wrappers = [(m, observers[i]) for i, m in sparse_modules(model)]
-    try:
-        for module, obs in wrappers:
-            module.observe = obs.report
-            module.track = False  # calibration passes are not measurements
-        device = model.get_input_embeddings().weight.device
-        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch",
-                          disable=not progress):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for module, _ in wrappers:
-            module.observe = None
-            module.track = True
+    run_observed(model, [(m, observers[i].report) for i, m in sparse_modules(model)], windows,
+                 batch_size, progress, desc)
     stats: dict[str, torch.Tensor] = {}
     for obs in observers:
         stats.update(obs.finish())

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from calibrate.collect import run_observed
 from sparseffn.errors import CalibrationError
 from sparseffn.families import decoder_layers
 from sparseffn.methods import SCORE_GRID_KEY
@@ -158,25 +158,17 @@ def train_predictors(model: nn.Module, windows: torch.Tensor, sparsity: list[flo
         r = rank or default_rank(hidden)
         trainers[i] = _LayerTrainer(hidden, inter, r, keep_count(inter, sparsity[i]), lr,
                                     down.device, g)
-    device = model.get_input_embeddings().weight.device
-    try:
-        for i, mlp in wrappers:
-            mlp.observe = trainers[i].report
-            mlp.track = False
-        train, held = split_windows(windows)
-        for epoch in range(epochs + 1):  # the last pass only scores, with the final weights
-            for t in trainers.values():
-                t.training = epoch < epochs
-            desc = (f"training predictors (epoch {epoch + 1}/{epochs})" if epoch < epochs
-                    else "scoring predictors (held-out windows)")
-            with torch.no_grad():
-                for batch in tqdm((train if epoch < epochs else held).split(batch_size),
-                                  unit="batch", disable=not progress, desc=desc):
-                    model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for _, mlp in wrappers:
-            mlp.observe = None
-            mlp.track = True
+    callbacks = [(mlp, trainers[i].report) for i, mlp in wrappers]
+    train, held = split_windows(windows)
+    for epoch in range(epochs + 1):  # the last pass only scores, with the final weights
+        for t in trainers.values():
+            t.training = epoch < epochs
+        if epoch < epochs:
+            run_observed(model, callbacks, train, batch_size, progress,
+                         f"training predictors (epoch {epoch + 1}/{epochs})")
+        else:
+            run_observed(model, callbacks, held, batch_size, progress,
+                         "scoring predictors (held-out windows)")
     out: dict[str, torch.Tensor] = {}
     grids: dict[str, torch.Tensor] = {}
     for i, t in trainers.items():
