@@ -37,6 +37,7 @@ MINIBATCH_TOKENS = 256
 #: Scores sampled per layer and batch in the scoring pass, and quantile points kept of them.
 SCORE_SAMPLES = 65536
 SCORE_GRID = 1025
+MAX_QUANTILE_INPUT = 1 << 23
 
 
 def default_rank(hidden: int) -> int:
@@ -110,6 +111,9 @@ class _LayerTrainer:
     def score_grid(self) -> torch.Tensor:
         """Quantiles [SCORE_GRID] of the recorded scores, at 0, 1/(SCORE_GRID-1), ..., 1."""
         scores = torch.cat(self.samples).double()
+        if scores.numel() > MAX_QUANTILE_INPUT:  # torch.quantile's input limit is 2^24
+            keep = torch.randperm(scores.numel(), generator=self.generator)[:MAX_QUANTILE_INPUT]
+            scores = scores[keep]
         return torch.quantile(scores, torch.linspace(0, 1, SCORE_GRID, dtype=torch.float64))
 
 

@@ -102,3 +102,14 @@ def test_registry_names_every_required_family():
     names = {f.name for f in FAMILIES}
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
             "olmo"} <= names
+
+
+@pytest.mark.parametrize("module", ["calibrate.artifact", "calibrate.collect", "calibrate.fit",
+                                    "calibrate.predictor"])
+def test_each_calibrate_module_imports_first_in_a_fresh_interpreter(module):
+    """sparseffn and calibrate import each other; no import order may fail."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
