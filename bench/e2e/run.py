@@ -23,6 +23,7 @@ import torch
 import sparseffn
 from bench.e2e import harness as H
 from bench.e2e.shapes import build_model, step_bytes
+from sparseffn.eval.sweep import save_figure
 
 NUMERIC = {"target", "measured_sparsity", "speedup", "byte_limit_speedup", "batch", "prompt",
            "layers"}
@@ -219,10 +220,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylabel("decode speedup over dense")
         ax.legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"{r0['shape']} ({int(r0['layers'])} layers, {r0['dtype']}) on {r0['device']}, "
-                 f"torch {r0['torch']}, triton {r0['triton']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, f"{r0['shape']} ({int(r0['layers'])} layers, {r0['dtype']}) on "
+                f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}", path, fontsize=9)
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

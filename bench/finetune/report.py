@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+from sparseffn.eval.sweep import save_figure
 
 # One color per method, the same in every plot.
 COLORS = {"none": "C0", "l1": "C1", "density": "C2", "fixed": "C3", "relu": "C4",
@@ -84,11 +85,7 @@ def plot(rows, curves, path: str | Path, title: str, other: str = "pydoc") -> No
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def _read(path: str | Path) -> list[SimpleNamespace]:

@@ -116,6 +116,16 @@ def write_csv(rows: Sequence[QualityRow], path: str | Path, extra: dict[str, str
             writer.writerow({**extra, **asdict(r)})
 
 
+def save_figure(fig: Any, title: str, path: str | Path, fontsize: int = 10) -> None:
+    """Title, lay out and write a matplotlib figure to ``path`` (folders made), then close it."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(rows: Sequence[QualityRow], path: str | Path, title: str) -> None:
     """Perplexity and both accuracies against measured sparsity, one line per method."""
     import matplotlib
@@ -138,8 +148,4 @@ def plot(rows: Sequence[QualityRow], path: str | Path, title: str) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
