@@ -16,8 +16,10 @@ Plans (decided once, at patch time, from the gated sites and the modules found):
     "predict" a trained predictor's top-k neurons: ``sparse_gated_mlp`` with the mask, which
             reads the gate, up and down rows of active neurons only.
     "input" TEAL/WINA on the MLP: ``input_sparse_gemv`` for every gated projection (gated
-            projections stored input-major), dense ``F.linear`` for ungated ones.
-Attention projections (``SparseLinear``) always use ``input_sparse_gemv``.
+            projections stored input-major), dense ``F.linear`` for ungated ones; gate and up,
+            which read the same x, in one grouped launch.
+Attention projections (``SparseLinear``) use ``input_sparse_gemv``; q, k and v, which read the
+same x, are computed in one grouped launch by the first of them that sees it.
 """
 from __future__ import annotations
 
@@ -80,6 +82,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return F.linear(x, weight, bias)
     y = torch.ops.sparseffn.input_sparse_gemv(x, weight.t(), threshold=threshold)
     return y if bias is None else y + bias
+
+
+def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
+                   biases: list[torch.Tensor | None],
+                   thresholds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x [B, K] -> one [B, N_g] per weight: ``input_sparse_gemv`` of every input-major weight
+    with its own threshold, in one launch (outputs are views of one [B, sum N_g] tensor)."""
+    y = torch.ops.sparseffn.input_sparse_gemv_grouped(x, [w.t() for w in weights],
+                                                       list(thresholds))
+    outs = y.split([w.shape[0] for w in weights], dim=-1)
+    return [o if b is None else o + b for o, b in zip(outs, biases)]
 
 
 def gated_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, threshold: torch.Tensor,

@@ -144,6 +144,49 @@ def kernels_on(device_type: str) -> bool:
     return _AVAILABLE[device_type]
 
 
+class InputGroup:
+    """Sparse projections that read the same input (q, k and v), computed in one launch.
+
+    The attention forward calls q_proj(x), k_proj(x) and v_proj(x) one after the other. On a
+    decode step the first member to see a new x computes every member's output in one grouped
+    kernel launch (one fixed launch cost instead of three) and keeps them here until the other
+    members, called with the same tensor x, take theirs; the last one clears the slot, so no
+    tensor outlives the step. A member called with another x (or out of order) computes its
+    own output alone, so the result never depends on the call order.
+    """
+
+    def __init__(self, members: list["SparseLinear"]) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.outs: list[torch.Tensor] | None = None
+        for i, m in enumerate(members):
+            m.group, m.group_index = self, i
+
+    def usable(self) -> bool:
+        """Every member on the kernel path with the same input width, dtype and device."""
+        ws = [m.base.weight for m in self.members]
+        return (all(m._kernel_ok and m._layout_ready for m in self.members)
+                and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1)
+
+    def output(self, member: "SparseLinear", x: torch.Tensor,
+               x2: torch.Tensor) -> torch.Tensor:
+        """Member's [B, N] output for the module input x ([B, 1, K], the tensor whose identity
+        says the members share it) viewed as x2 [B, K], from the shared launch."""
+        if self.x is not x or self.outs is None:
+            if member.group_index != 0:  # not the first call on this x: compute alone
+                return decode.linear(x2, member.base.weight, member.base.bias,
+                                     member.threshold)
+            ms = self.members
+            self.outs = decode.grouped_linear(x2, [m.base.weight for m in ms],
+                                              [m.base.bias for m in ms],
+                                              [m.threshold for m in ms])
+            self.x = x
+        y = self.outs[member.group_index]
+        if member.group_index == len(self.members) - 1:
+            self.x, self.outs = None, None
+        return y
+
+
 class SparseLinear(_KernelPath, nn.Module):
     """``base`` (an nn.Linear) applied to its input with small-magnitude channels zeroed.
 
@@ -160,6 +203,8 @@ class SparseLinear(_KernelPath, nn.Module):
         self.register_buffer("threshold", own_copy(threshold, base.weight.device))
         self.counter = SiteCounter(base.weight.numel(), base.weight.device)
         self._kernel_ok = decode.is_plain_linear(base)
+        self.group: InputGroup | None = None  # set by InputGroup
+        self.group_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]."""
@@ -173,7 +218,11 @@ class SparseLinear(_KernelPath, nn.Module):
         x2 = x.reshape(x.shape[0], x.shape[-1])
         if self.track:
             self.counter.count(above(x2.abs(), self.threshold))
-        y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold)
+        group = self.group
+        if group is not None and group.usable():
+            y = group.output(self, x, x2)
+        else:
+            y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold)
         return y.reshape(x.shape[0], 1, y.shape[-1])
 
     def _kernel_linears(self) -> list[nn.Module]:
@@ -323,6 +372,11 @@ class SparseGatedMLP(_KernelPath, nn.Module):
             if self.spec.fused_gate_up:
                 gu = base.gate_up_proj
                 gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj")).chunk(2, -1)
+            elif t("gate_proj") is not None and t("up_proj") is not None:
+                gp, up_ = base.gate_proj, base.up_proj
+                gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight],
+                                                 [gp.bias, up_.bias],
+                                                 [t("gate_proj"), t("up_proj")])
             else:
                 gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias,
                                      t("gate_proj"))

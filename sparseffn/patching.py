@@ -16,7 +16,7 @@ from sparseffn.config import RANKED_METHODS
 from sparseffn.decode import KERNEL_MODES
 from sparseffn.errors import PatchStateError, SparseFFNError
 from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
-from sparseffn.modules import SiteCounter, SparseGatedMLP, SparseLinear
+from sparseffn.modules import InputGroup, SiteCounter, SparseGatedMLP, SparseLinear
 
 STATE_ATTR = "_sparseffn_state"
 
@@ -54,6 +54,9 @@ def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, tor
     for site in (*spec.attn_in, spec.attn_out):
         if site in thresholds:
             new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site], site)
+    readers = [new[(attn, site)] for site in spec.attn_in if (attn, site) in new]
+    if len(readers) > 1:  # q, k, v read the same x: one launch on decode steps
+        InputGroup(readers)
     return new
 
 

@@ -26,22 +26,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CALIB = dict(n_tokens=1024, progress=False)
 # Calibration on token ids (no tokenizer needed, so this file also runs on a bare GPU machine).
 IDS = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
-KERNEL_FUNCS = ("linear", "gated_act", "down_nonzero", "up_masked", "down_masked",
+KERNEL_FUNCS = ("linear", "grouped_linear", "gated_act", "down_nonzero", "up_masked", "down_masked",
                 "gated_masked")
 
 # (family, method, scope, decode functions that must run)
 CASES = [
     ("llama", "cats", "mlp", {"gated_act", "down_nonzero"}),
     ("llama", "chess", "mlp", {"gated_act", "down_nonzero"}),
-    ("llama", "teal", "all", {"linear"}),
-    ("llama", "wina", "all", {"linear"}),
+    ("llama", "teal", "all", {"linear", "grouped_linear"}),  # q/k/v and gate/up grouped
+    ("llama", "wina", "all", {"linear", "grouped_linear"}),  # ... with per-weight thresholds
     ("llama", "topk", "mlp", {"up_masked", "down_masked"}),
     ("llama", "predictor", "mlp", {"gated_masked"}),
     ("phi3", "predictor", "mlp", {"gated_masked"}),  # fused gate_up
     ("gemma", "chess", "mlp", {"gated_act", "down_nonzero"}),  # tanh-GELU
     ("phi3", "teal", "all", {"linear"}),  # fused qkv and gate_up
     ("phi3", "cats", "mlp", {"gated_act", "down_nonzero"}),
-    ("qwen2", "teal", "all", {"linear"}),  # q/k/v biases
+    ("qwen2", "teal", "all", {"linear", "grouped_linear"}),  # q/k/v biases
 ]
 
 
@@ -170,3 +170,58 @@ def test_threshold_update_in_place():
     sparseffn.set_sparsity(model, 0.3)
     assert mlp.threshold("act") is buf and not torch.equal(buf, stored)
     assert torch.equal(original.thresholds["layers.0.act"], stored)
+
+
+def test_shared_input_projections_take_one_launch(monkeypatch):
+    """TEAL over all projections: per layer and decode step, q/k/v in one grouped launch and
+    gate/up in another, o and down alone, and the logits are the reference path's."""
+    ref, kern = pair("llama", "teal", "all", 0.5)
+    prompt = torch.randint(3, 1000, (2, 5), device=DEVICE)
+    cont = torch.randint(3, 1000, (2, 3), device=DEVICE)
+    expected = decode_logits(ref, prompt, cont)
+    calls = spy(monkeypatch)
+    got = decode_logits(kern, prompt, cont)
+    layers, steps = kern.config.num_hidden_layers, cont.shape[1]
+    assert calls["grouped_linear"] == 2 * layers * steps
+    assert calls["linear"] == 2 * layers * steps
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    groups = [m.group for m in kern.modules() if isinstance(m, SparseLinear) and m.group]
+    assert groups and all(g.x is None and g.outs is None for g in groups), "a step left outputs"
+
+
+def test_group_member_called_alone_is_still_right():
+    """k_proj called without q_proj first (another attention implementation, or a hook) computes
+    its own output instead of reading a stale or missing group result."""
+    _, kern = pair("llama", "teal", "all", 0.5)
+    attn = kern.model.layers[0].self_attn
+    x = torch.randn(2, 1, kern.config.hidden_size, device=DEVICE)
+    k_alone = attn.k_proj(x)
+    q = attn.q_proj(x)  # starts a group launch for x
+    k_grouped, v = attn.k_proj(x), attn.v_proj(x)
+    k_ref = attn.k_proj.base(torch.where(x.abs() > attn.k_proj.threshold, x, 0))
+    torch.testing.assert_close(k_alone, k_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_grouped, k_ref, rtol=1e-4, atol=1e-4)
+    assert q.shape[-1] == attn.q_proj.base.out_features and v.shape == k_ref.shape
+    other = torch.randn_like(x)
+    attn.q_proj(x)
+    torch.testing.assert_close(  # a different tensor: not the stored result for x
+        attn.k_proj(other), attn.k_proj.base(torch.where(other.abs() > attn.k_proj.threshold,
+                                                         other, 0)), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_decode_step_compiles_whole():
+    """The q/k/v group (attribute side effects on a plain object, tensor identity) traces
+    into one graph: a compiled decode step equals the eager one."""
+    _, kern = pair("llama", "teal", "all", 0.5)
+    layer = kern.model.layers[0]
+    x = torch.randn(2, 1, kern.config.hidden_size, device=DEVICE)
+    attn = layer.self_attn
+
+    def qkv(h):
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+    eager = qkv(x)
+    compiled = torch.compile(qkv, fullgraph=True, backend="aot_eager")(x)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    assert attn.q_proj.group.x is None

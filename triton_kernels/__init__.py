@@ -7,7 +7,8 @@ is exported beside each op. See docs/kernels.md for semantics, layouts and measu
 """
 from ._common import HAS_TRITON, INTERPRET, LaunchConfig, kernels_available, tuning_log
 from .gated_mlp import sparse_gate_up, sparse_gate_up_ref, sparse_gated_mlp, sparse_gated_mlp_ref
-from .input_sparse import input_sparse_gemv, input_sparse_gemv_ref
+from .input_sparse import (input_sparse_gemv, input_sparse_gemv_grouped,
+                           input_sparse_gemv_grouped_ref, input_sparse_gemv_ref)
 from .output_sparse import output_sparse_gemv, output_sparse_gemv_ref
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "INTERPRET",
     "LaunchConfig",
     "input_sparse_gemv",
+    "input_sparse_gemv_grouped",
+    "input_sparse_gemv_grouped_ref",
     "input_sparse_gemv_ref",
     "kernels_available",
     "output_sparse_gemv",

@@ -12,21 +12,25 @@ per tile, as a dense loop does. The first measured version tested activity per t
 loop: its x load -> mask -> weight load chain made every tile two round trips, and at 0.9
 sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 14336, H100,
 2026-11-23).
-With several K ranges, each program adds its fp32 partial into a zero-filled fp32 [B, N]
-accumulator that this launch allocated (``tl.atomic_add``, relaxed), and ``copy_`` casts it to y
-afterwards (fp32 outputs are zeroed and take the atomics directly). Stream order alone separates
-the fill, the adds and the cast: no program reads what another wrote, so there is no ticket, no
+With several K ranges, each program adds its fp32 partial into a zeroed fp32 [B, N] accumulator
+(``tl.atomic_add``, relaxed), and ``_finish_kernel`` then writes y from it in y's dtype and
+zeroes it again, so the persistent accumulator of ``_accumulator`` is ready for the next call
+(one extra launch per call; a fill kernel and a cast before it). Stream order alone separates
+the adds from the finish: no program reads what another wrote, so there is no ticket, no
 last-program logic and no ordering hazard (a ticketed one-kernel version was intermittently wrong
 at batch 3-4, docs/kernels.md). The fp32 order of the adds varies between runs, so y may differ in
 its last bit between identical calls. Against a second kernel summing [K ranges, B, N] partials in
-a fixed order it was 3-12% faster at sparsity 0 and 5-21% at 0.5 (H100, 2026-11-23).
+a fixed order the atomic sums were 3-12% faster at sparsity 0 and 5-21% at 0.5 (H100, 2026-11-23).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _accumulator
 from ._common import LaunchConfig, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
@@ -52,19 +56,44 @@ def _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, ok, stride_xb, stride_xk
 
 
 @triton.jit
+def _group_select(pid_n, NB1, NB2, a1, a2, a3, GROUPS: tl.constexpr):
+    """a1, a2 or a3 for the group of column block pid_n (blocks [0, NB1), [NB1, NB2), rest)."""
+    v = a1
+    if GROUPS > 1:
+        v = tl.where(pid_n >= NB1, a2, v)
+    if GROUPS > 2:
+        v = tl.where(pid_n >= NB2, a3, v)
+    return v
+
+
+@triton.jit
 def _input_sparse_kernel(
     x_ptr, w_ptr, thr_ptr, mask_ptr, idx_ptr, out_ptr,
     B, K, N,
     stride_xb, stride_xk, stride_wk, stride_tb, stride_tk, stride_mb, stride_mk,
     stride_ob,
+    w2_ptr, thr2_ptr, N2, stride_wk2, stride_tb2, stride_tk2,
+    w3_ptr, thr3_ptr, N3, stride_wk3, stride_tb3, stride_tk3,
+    NB1, NB2,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, GROUPS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    # Grouped launch: GROUPS weights sharing x, each with its own threshold; column blocks
+    # [0, NB1) belong to the first, [NB1, NB2) to the second, the rest to the third, and their
+    # outputs sit side by side in y. The group's operands are selected once, per program.
+    first = _group_select(pid_n, NB1, NB2, pid_n * 0, NB1, NB2, GROUPS)
+    col0 = _group_select(pid_n, NB1, NB2, pid_n * 0, N, N + N2, GROUPS)
+    n_g = _group_select(pid_n, NB1, NB2, N, N2, N3, GROUPS)
+    w_ptr = _group_select(pid_n, NB1, NB2, w_ptr, w2_ptr, w3_ptr, GROUPS)
+    thr_ptr = _group_select(pid_n, NB1, NB2, thr_ptr, thr2_ptr, thr3_ptr, GROUPS)
+    stride_wk = _group_select(pid_n, NB1, NB2, stride_wk, stride_wk2, stride_wk3, GROUPS)
+    stride_tb = _group_select(pid_n, NB1, NB2, stride_tb, stride_tb2, stride_tb3, GROUPS)
+    stride_tk = _group_select(pid_n, NB1, NB2, stride_tk, stride_tk2, stride_tk3, GROUPS)
+    offs_n = (pid_n - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_g
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     # 1. Compact this program's active rows (any sequence) into idx[base : base + count], in
@@ -113,7 +142,7 @@ def _input_sparse_kernel(
         res = acc[None, :]
     else:
         res = acc
-    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + col0 + offs_n[None, :]
     out_ok = b_ok[:, None] & n_ok[None, :]
     if ATOMIC:  # one of several K ranges: add into the zeroed fp32 accumulator
         tl.atomic_add(out_ptrs, res, mask=out_ok, sem="relaxed")
@@ -121,44 +150,88 @@ def _input_sparse_kernel(
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor, mode: int,
-                        thr: torch.Tensor | None, mask: torch.Tensor | None,
-                        out: torch.Tensor, cfg: LaunchConfig) -> None:
+@triton.jit
+def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = acc (cast to out's dtype) and acc = 0, over ``numel`` contiguous elements."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    v = tl.load(acc_ptr + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(acc_ptr + offs, tl.zeros_like(v), mask=ok)
+
+
+FINISH_BLOCK = 1024
+
+
+#: Most weights one grouped launch takes (q/k/v, or gate/up).
+MAX_GROUPS = 3
+
+
+def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tensor], mode: int,
+                        thr: torch.Tensor | Sequence[torch.Tensor] | None,
+                        mask: torch.Tensor | None, out: torch.Tensor, cfg: LaunchConfig) -> None:
     """Write y for a chunk of at most MAX_BATCH_PER_LAUNCH sequences into ``out`` [B, N].
 
     x [B, K] any strides; w_t [K, N] unit stride along N; thr fp32 / mask bool, both [B, K]
     views (stride 0 allowed); out contiguous [B, N] of x's dtype.
+
+    Grouped: ``w_t`` a sequence of up to MAX_GROUPS weights [K, N_g] sharing x, ``thr`` one
+    threshold view per weight (or one shared ``mask``); out [B, sum N_g] holds their outputs
+    side by side. One launch, so the fixed cost of a call is paid once for the group.
     """
+    w_ts = [w_t] if isinstance(w_t, torch.Tensor) else list(w_t)
+    thrs = [thr] * len(w_ts) if thr is None or isinstance(thr, torch.Tensor) else list(thr)
+    groups = len(w_ts)
+    if not 1 <= groups <= MAX_GROUPS or len(thrs) != groups:
+        raise ValueError(f"a launch takes 1 to {MAX_GROUPS} weights, each with its threshold")
     B, K = x.shape
-    N = w_t.shape[1]
+    widths = [w.shape[1] for w in w_ts]
+    N = sum(widths)
     block_b = 1 if B == 1 else 16
     # span 0 (or more than K) means one K range: y is stored directly, no atomics.
     span = min(cfg.span or K, max(cfg.rows, triton.next_power_of_2(K)))
-    grid = (triton.cdiv(N, cfg.cols), triton.cdiv(K, span))
-    splits = grid[1]
-    atomic = splits > 1
+    blocks = [triton.cdiv(n, cfg.cols) for n in widths]
+    grid = (sum(blocks), triton.cdiv(K, span))
+    atomic = grid[1] > 1
     if not atomic:
-        target = out
-    elif out.dtype == torch.float32:
-        target = out.zero_()
+        target, acc = out, None
     else:
-        target = torch.zeros((B, N), dtype=torch.float32, device=x.device)
+        acc = _accumulator.persistent(B * N, x.device)
+        # No persistent buffer (turned off, or first seen during a graph capture): a temporary
+        # zeroed one; _finish_kernel zeroes it again for nothing, at no extra launch.
+        target = (acc if acc is not None
+                  else torch.zeros(B * N, dtype=torch.float32, device=x.device)).view(B, N)
     idx = torch.empty(grid[0] * grid[1] * span, dtype=torch.int32, device=x.device)
-    # Unused pointers (by MODE) are given x so that no placeholder tensor is allocated per call.
-    thr_t = thr if thr is not None else x
+    # Unused pointers (by MODE, by group count) are given x or the first group's operands, so
+    # that no placeholder tensor is allocated per call.
+    thr_ts = [t if t is not None else x for t in thrs]
     mask_t = mask.view(torch.uint8) if mask is not None else x
-    _input_sparse_kernel[grid](
-        x, w_t, thr_t, mask_t, idx, target,
-        B, K, N,
-        x.stride(0), x.stride(1), w_t.stride(0), thr_t.stride(0), thr_t.stride(1),
-        mask_t.stride(0), mask_t.stride(1),
-        target.stride(0),
-        MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
-        BLOCK_N=cfg.cols,
-        UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, num_warps=cfg.num_warps,
-    )
-    if target is not out:
-        out.copy_(target)
+    pad = MAX_GROUPS - groups
+    w_ts, thr_ts, widths = w_ts + [w_ts[0]] * pad, thr_ts + [thr_ts[0]] * pad, widths + [0] * pad
+    extra = []
+    for g in (1, 2):
+        extra += [w_ts[g], thr_ts[g], widths[g], w_ts[g].stride(0), thr_ts[g].stride(0),
+                  thr_ts[g].stride(1)]
+    try:
+        _input_sparse_kernel[grid](
+            x, w_ts[0], thr_ts[0], mask_t, idx, target,
+            B, K, widths[0],
+            x.stride(0), x.stride(1), w_ts[0].stride(0), thr_ts[0].stride(0),
+            thr_ts[0].stride(1), mask_t.stride(0), mask_t.stride(1),
+            target.stride(0),
+            *extra, blocks[0], sum(blocks[:2]),
+            MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
+            BLOCK_N=cfg.cols,
+            UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
+            num_warps=cfg.num_warps,
+        )
+    except BaseException:
+        if acc is not None:  # partial sums may have landed: leave the buffer zeroed
+            acc.zero_()
+        raise
+    if atomic:
+        _finish_kernel[(triton.cdiv(B * N, FINISH_BLOCK),)](target, out, B * N,
+                                                             BLOCK=FINISH_BLOCK)
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:

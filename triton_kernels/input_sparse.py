@@ -13,10 +13,15 @@ x [B, K] (any strides), w_t [K, N] (unit stride along N), threshold float32 broa
 [B, K] ([] global, [K] per channel, [B, 1] per token), mask bool broadcastable to [B, K];
 y [B, N] contiguous in x's dtype, accumulated in fp32. A row of ``w_t`` is loaded once if any
 sequence of the launch needs it.
+
+``input_sparse_gemv_grouped(x, [w_t1, w_t2, ...], [t1, t2, ...])`` computes up to three such
+products on one x in one launch (q/k/v, gate/up), each with its own threshold, and returns their
+outputs side by side, [B, N1 + N2 + ...]: the fixed cost of a call (launch, compaction prologue,
+finishing the split-K sums) is paid once for the group instead of per weight.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -88,19 +93,23 @@ def _triton_impl(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.T
     return y
 
 
-def pick_config(w_t: torch.Tensor, batch: int) -> C.LaunchConfig:
-    """Launch config for this weight and batch, tuned once per (batch, K, N, dtype, device)."""
+def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.LaunchConfig:
+    """Launch config for this weight (or group of weights) and batch, tuned once per (batch, K,
+    widths, dtype, device)."""
     from ._input_sparse_kernel import MODE_MASK, candidates, launch_input_sparse
 
-    K, N = w_t.shape
-    dev = w_t.device
-    key = ("input_sparse", batch, K, N, w_t.dtype, str(dev))
+    w_ts = [w_t] if isinstance(w_t, torch.Tensor) else list(w_t)
+    K = w_ts[0].shape[0]
+    widths = tuple(w.shape[1] for w in w_ts)
+    N = sum(widths)
+    dev, dtype = w_ts[0].device, w_ts[0].dtype
+    key = ("input_sparse", batch, K, widths if len(widths) > 1 else N, dtype, str(dev))
 
     def make_bench(sparsity: float):
-        x = torch.randn(batch, K, device=dev, dtype=w_t.dtype)
+        x = torch.randn(batch, K, device=dev, dtype=dtype)
         m = C.row_pattern(K, sparsity, dev).expand(batch, K)
-        out = torch.empty(batch, N, device=dev, dtype=w_t.dtype)
-        return lambda cfg: launch_input_sparse(x, w_t, MODE_MASK, None, m, out, cfg)
+        out = torch.empty(batch, N, device=dev, dtype=dtype)
+        return lambda cfg: launch_input_sparse(x, w_ts, MODE_MASK, None, m, out, cfg)
 
     cands = candidates(batch, K, N, C.sm_count(dev))
     return C.tuned_config(key, cands, make_bench, dev)
@@ -126,3 +135,65 @@ def _(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = No
       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, _, N = _validate(x, w_t, threshold, mask)
     return x.new_empty((B, N))
+
+
+def _validate_grouped(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
+                      thresholds: Sequence[torch.Tensor]) -> tuple[int, int, list[int]]:
+    from ._input_sparse_kernel import MAX_GROUPS
+
+    if not 1 <= len(w_ts) <= MAX_GROUPS:
+        raise ValueError(f"input_sparse_gemv_grouped takes 1 to {MAX_GROUPS} weights, "
+                         f"got {len(w_ts)}")
+    if len(thresholds) != len(w_ts):
+        raise ValueError(f"one threshold per weight: {len(w_ts)} weights, "
+                         f"{len(thresholds)} thresholds")
+    widths = []
+    for w_t, t in zip(w_ts, thresholds):
+        B, K, N = _validate(x, w_t, t, None)
+        widths.append(N)
+    return B, K, widths
+
+
+def input_sparse_gemv_grouped_ref(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
+                                  thresholds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Reference of the grouped op: x [B, K], w_ts [K, N_g] -> [B, sum N_g]."""
+    _validate_grouped(x, w_ts, thresholds)
+    return torch.cat([input_sparse_gemv_ref(x, w, t) for w, t in zip(w_ts, thresholds)], 1)
+
+
+def _grouped_triton_impl(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
+                         thresholds: Sequence[torch.Tensor],
+                         config: Optional[C.LaunchConfig] = None,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The grouped op's Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    B, K, widths = _validate_grouped(x, w_ts, thresholds)
+    C.require_kernels(x.device)
+    from ._input_sparse_kernel import MODE_THRESHOLD, launch_input_sparse
+
+    thrs = [C.expand_threshold(t, B, K, x.device, "") for t in thresholds]
+    y = C.output_buffer(out, (B, sum(widths)), x.dtype, x.device)
+    step = C.MAX_BATCH_PER_LAUNCH
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(B, b0 + step))
+        cfg = config or pick_config(list(w_ts), sl.stop - sl.start)
+        launch_input_sparse(x[sl], list(w_ts), MODE_THRESHOLD, [t[sl] for t in thrs], None,
+                            y[sl], cfg)
+    return y
+
+
+@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped", mutates_args=())
+def input_sparse_gemv_grouped(x: torch.Tensor, w_ts: list[torch.Tensor],
+                              thresholds: list[torch.Tensor]) -> torch.Tensor:
+    """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g])`` for every g, side by side,
+    in one launch (see module docstring). Up to three weights, all [K, N_g] of x's dtype.
+    """
+    if x.is_cuda and C.kernels_available(x.device):
+        return _grouped_triton_impl(x, w_ts, thresholds)
+    return input_sparse_gemv_grouped_ref(x, w_ts, thresholds)
+
+
+@input_sparse_gemv_grouped.register_fake
+def _(x: torch.Tensor, w_ts: list[torch.Tensor],
+      thresholds: list[torch.Tensor]) -> torch.Tensor:
+    B, _, widths = _validate_grouped(x, w_ts, thresholds)
+    return x.new_empty((B, sum(widths)))

@@ -19,7 +19,15 @@ import triton_kernels as tk
 # Hidden and intermediate sizes; Mistral-7B has Llama-3-8B's MLP shape (4096 x 14336).
 MODELS = {"llama3-8b": (4096, 14336), "mistral-7b": (4096, 14336), "qwen2.5-7b": (3584, 18944),
           "tiny": (96, 160)}  # tiny: CPU smoke runs of the sweep
+# Attention widths (q, and each of k and v) for the grouped q/k/v cases.
+ATTN = {"llama3-8b": (4096, 1024), "mistral-7b": (4096, 1024), "qwen2.5-7b": (3584, 512),
+        "tiny": (96, 32)}
 OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
+# Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
+GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
+# input_sparse with a temporary zeroed accumulator per call instead of the persistent one.
+AB_OPS = ("input_sparse_tempacc",)
+ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
 # about 8x the output rounding of each dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -33,6 +41,16 @@ class Case:
     model: str
     K: int
     N: int
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output widths of the weights that share x (one for a plain GEMV)."""
+        if self.op.startswith("qkv"):
+            q, kv = ATTN[self.model]
+            return (q, kv, kv)
+        if self.op.startswith("gate_up"):
+            return (self.N // 2, self.N // 2)
+        return (self.N,)
 
     @property
     def label(self) -> str:
@@ -49,7 +67,14 @@ def cases(ops: list[str], models: list[str]) -> list[Case]:
     for model in models:
         H, I = MODELS[model]
         for op in ops:
-            dims = [(H, I)] if op.startswith("mlp") else [(H, I), (I, H)]
+            if op.startswith("qkv"):
+                dims = [(H, ATTN[model][0] + 2 * ATTN[model][1])]
+            elif op.startswith("gate_up"):
+                dims = [(H, 2 * I)]
+            elif op.startswith("mlp"):
+                dims = [(H, I)]
+            else:
+                dims = [(H, I), (I, H)]
             for K, N in dims:
                 if (op, K, N) not in seen:
                     seen.add((op, K, N))
@@ -63,13 +88,13 @@ def dense_weights(case: Case, dtype: torch.dtype, device: str) -> tuple[torch.Te
         return (torch.randn(rows, cols, device=device) / cols**0.5).to(dtype)
     if case.op.startswith("mlp"):
         return w(case.N, case.K), w(case.N, case.K), w(case.K, case.N)
-    return (w(case.N, case.K),)
+    return tuple(w(n, case.K) for n in case.widths)
 
 
 def sparse_weights(case: Case, dense: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The layouts our ops take (transposed once, as at patch time)."""
-    if case.op == "input_sparse":
-        return (dense[0].t().contiguous(),)
+    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
+        return tuple(d.t().contiguous() for d in dense)
     if case.op == "output_sparse":
         return dense
     return dense[0], dense[1], dense[2].t().contiguous()
@@ -80,6 +105,8 @@ def dense_call(case: Case, x: torch.Tensor, dense: tuple[torch.Tensor, ...]) -> 
     if case.op.startswith("mlp"):
         gate, up, down = dense
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    if len(dense) > 1:  # as the unpatched model runs q, k, v (or gate, up): one GEMM each
+        return [F.linear(x, d) for d in dense]
     return F.linear(x, dense[0])
 
 
@@ -122,7 +149,7 @@ class Point:
 def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
                weights: tuple[torch.Tensor, ...]) -> Point:
     dev = weights[0].device.type
-    if case.op == "input_sparse":
+    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
         x = _token_values(batch, case.K, dev).to(dtype)
         thr = _per_token_threshold(x, sparsity)
         return Point(x, thr, None, (x.float().abs() > thr).any(0).float().mean().item())
@@ -139,20 +166,33 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
 def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if case.op == "input_sparse":
         return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
+    if case.op == "input_sparse_tempacc":
+        from triton_kernels import _accumulator
+        saved, _accumulator.ENABLED = _accumulator.ENABLED, False
+        try:
+            return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
+        finally:
+            _accumulator.ENABLED = saved
+    if case.op.endswith("_grouped"):
+        return tk.input_sparse_gemv_grouped(p.x, list(w), [p.threshold] * len(w))
+    if case.op.endswith("_separate"):
+        return [tk.input_sparse_gemv(p.x, wi, threshold=p.threshold) for wi in w]
     if case.op == "output_sparse":
         return tk.output_sparse_gemv(p.x, w[0], p.mask)
     return tk.sparse_gated_mlp(p.x, *w, threshold=p.threshold, mask=p.mask)
 
 
 def reference(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    if case.op == "input_sparse":
-        return tk.input_sparse_gemv_ref(p.x, w[0], threshold=p.threshold)
+    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
+        return torch.cat([tk.input_sparse_gemv_ref(p.x, wi, threshold=p.threshold) for wi in w], 1)
     if case.op == "output_sparse":
         return tk.output_sparse_gemv_ref(p.x, w[0], p.mask)
     return tk.sparse_gated_mlp_ref(p.x, *w, threshold=p.threshold, mask=p.mask)
 
 
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_error(y: torch.Tensor | list[torch.Tensor], ref: torch.Tensor) -> float:
+    if isinstance(y, list):
+        y = torch.cat(y, 1)
     if torch.isnan(y).any():
         return float("nan")
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
@@ -175,6 +215,6 @@ def needed_bytes(case: Case, batch: int, dtype: torch.dtype, active: Optional[fl
         return K * N * e * (1 + 2 * active) + io + 4 * batch
     if case.op == "mlp_mask":
         return 3 * K * N * e * active + io + batch * N
-    crit = 4 * batch if case.op == "input_sparse" else batch * N
+    crit = batch * N if case.op == "output_sparse" else 4 * batch
     return K * N * e * active + io + crit
 

@@ -175,7 +175,7 @@ def print_tables(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ops", default=",".join(cs.OPS), help=f"comma list of {cs.OPS}")
+    ap.add_argument("--ops", default=",".join(cs.OPS), help=f"comma list of {cs.ALL_OPS}")
     ap.add_argument("--models", default="llama3-8b,mistral-7b,qwen2.5-7b",
                     help=f"comma list of {list(cs.MODELS)}")
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma list of fp16,bf16,fp32")

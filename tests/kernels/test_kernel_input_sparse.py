@@ -131,3 +131,57 @@ def test_reference_equals_dense_at_zero_sparsity():
     w_t = torch.randn(63, 31)
     y = input_sparse_gemv_ref(x, w_t, threshold=torch.tensor(-1.0))
     torch.testing.assert_close(y, x @ w_t, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_persistent_accumulator_is_zero_after_each_call(device, monkeypatch):
+    """The split-K sums go through one persistent buffer per size, which the finishing kernel
+    must leave zeroed: later calls on other inputs are then exact, and the temporary-buffer
+    scheme (persistent buffers off) gives the same y."""
+    from triton_kernels import _accumulator
+
+    dtype, B, K, N = torch.float16, 3, 431, 63
+    cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)  # 4 K ranges on the CPU
+    w_t = weight(K, N, dtype, device)
+    thr = torch.zeros((), device=device)
+    for _ in range(3):
+        x = torch.randn(B, K, device=device).to(dtype)
+        y = _triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
+        ref = x.double() @ w_t.double()
+        assert_within(y, ref, gemv_bound(ref, x.double().abs() @ w_t.double().abs(), dtype),
+                      "persistent")
+        buf = _accumulator.persistent(B * N, torch.device(device))
+        assert buf is not None and torch.count_nonzero(buf) == 0, "accumulator left dirty"
+    monkeypatch.setattr(_accumulator, "ENABLED", False)
+    monkeypatch.setattr(_accumulator, "_BUFFERS", {})
+    y_temp = _triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
+    assert _accumulator.allocated() == {}, "buffers off: none may be made"
+    assert_within(y_temp, ref, gemv_bound(ref, x.double().abs() @ w_t.double().abs(), dtype),
+                  "temporary")
+
+
+def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
+    """A launch that raises after partial sums landed must not poison the next call."""
+    if not torch.cuda.is_available():
+        from triton_kernels import _common
+        if not _common.INTERPRET:
+            pytest.skip("needs the Triton interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from triton_kernels import _accumulator, _input_sparse_kernel as kmod
+
+    B, K, N = 1, 431, 63
+    buf = _accumulator.persistent(B * N, torch.device(device))
+
+    class Exploding:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                buf.fill_(7.0)  # stands for partial sums written before the failure
+                raise RuntimeError("launch failed")
+            return launch
+
+    monkeypatch.setattr(kmod, "_input_sparse_kernel", Exploding())
+    x = torch.randn(B, K, device=device).to(torch.float16)
+    w_t = weight(K, N, torch.float16, device)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        _triton_impl(x, w_t, torch.zeros((), device=device), config=LaunchConfig(16, 64, 128))
+    assert torch.count_nonzero(buf) == 0

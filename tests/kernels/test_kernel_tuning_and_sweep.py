@@ -53,3 +53,23 @@ def test_sweep_smoke_cpu(tmp_path):
     assert len(rows) == 24
     assert all(r["correct"] == "True" and r["speedup"] for r in rows)
     assert (tmp_path / "sweep_batch1.png").exists() and (tmp_path / "sweep_batch.png").exists()
+
+
+def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
+    """The grouped q/k/v and gate/up cases, their separate-call twins and the temporary-
+    accumulator A/B case run through the sweep and check correct against the reference."""
+    from bench.kernels import cases as cs, sweep
+
+    out = tmp_path / "sweep.csv"
+    rc = sweep.main(["--device", "cpu", "--models", "tiny", "--batch", "1",
+                     "--ops", ",".join(cs.GROUPED_OPS + cs.AB_OPS),
+                     "--sparsities", "0,0.5", "--replays", "1", "--dtypes", "fp16",
+                     "--csv", str(out)])
+    assert rc == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    # 4 grouped cases + the A/B case in 2 directions, x 2 sparsities
+    assert len(rows) == 12
+    assert all(r["correct"] == "True" and r["speedup"] for r in rows)
+    q, kv = cs.ATTN["tiny"]
+    assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
