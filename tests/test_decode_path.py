@@ -131,7 +131,7 @@ def test_layout_in_place_no_extra_memory_and_undo():
 
 
 def test_kernel_mode_never_keeps_layout_and_set_kernel_mode_switches():
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(DEVICE)
     sparseffn.sparsify(model, "cats", 0.5, IDS, kernel_mode="never",
                        **CALIB)
     down = model.model.layers[0].mlp.base.down_proj

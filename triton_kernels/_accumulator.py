@@ -12,15 +12,19 @@ Rules that keep it correct:
   one device must be ordered on one stream (as a decode step is). Concurrent calls on two streams
   of one device would add into the same buffer: they are not supported.
 - A buffer is never freed or replaced: a captured CUDA graph keeps its address.
-- Never allocated while a CUDA graph is captured, nor from a graph memory pool: on CUDA it is
-  allocated on a private side stream, which ``torch.compile``'s cudagraph trees do not route
-  into their pool (a pool block can be handed to another graph's tensors when the trees roll
-  their pool state back). A call that finds no buffer during capture uses a temporary one.
+- Never allocated while a CUDA graph is captured, nor from a graph memory pool. Cudagraph trees
+  (``torch.compile(mode="reduce-overhead")``) route every allocation of the *thread* that runs
+  their warm-up into their pool and fail on pool tensors they do not track ("Detected 3
+  tensor(s) in the cudagraph pool not tracked as outputs", seen on the H200 when the buffers
+  were allocated from a side stream of the same thread); so a CUDA buffer is allocated and
+  zeroed on a short-lived helper thread, outside any pool. A call that finds no buffer during a
+  capture uses a temporary one.
 - If the GEMV launch raises, the buffer is zeroed again before the error propagates.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -29,7 +33,6 @@ import torch
 ENABLED = os.environ.get("SPARSEFFN_PERSISTENT_ACC", "1") != "0"
 
 _BUFFERS: dict[tuple[str, int], torch.Tensor] = {}
-_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
 
 
 def _capturing(device: torch.device) -> bool:
@@ -41,20 +44,37 @@ def persistent(numel: int, device: torch.device) -> torch.Tensor | None:
     and none may be made now (persistent buffers off, or a CUDA graph being captured)."""
     if not ENABLED:
         return None
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), numel)
     buf = _BUFFERS.get(key)
     if buf is not None or _capturing(device):
         return buf
-    if device.type == "cuda":
-        stream = _SIDE_STREAMS.setdefault(str(device), torch.cuda.Stream(device))
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            buf = torch.zeros(numel, dtype=torch.float32, device=device)
-        torch.cuda.current_stream(device).wait_stream(stream)
-    else:
-        buf = torch.zeros(numel, dtype=torch.float32, device=device)
+    buf = _zeros_outside_pools(numel, device)
     _BUFFERS[key] = buf
     return buf
+
+
+def _zeros_outside_pools(numel: int, device: torch.device) -> torch.Tensor:
+    """fp32 zeros [numel], on CUDA allocated and zeroed by another thread (see module doc)."""
+    if device.type != "cuda":
+        return torch.zeros(numel, dtype=torch.float32, device=device)
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(device):
+                box["buf"] = torch.zeros(numel, dtype=torch.float32, device=device)
+                torch.cuda.synchronize(device)  # zeroed before any stream of the caller uses it
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["err"] = err
+
+    worker = threading.Thread(target=work, name="sparseffn-accumulator")
+    worker.start()
+    worker.join()
+    if "err" in box:
+        raise box["err"]
+    return box["buf"]
 
 
 def allocated() -> dict[tuple[str, int], int]:

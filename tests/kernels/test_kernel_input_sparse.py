@@ -170,7 +170,8 @@ def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
     from triton_kernels import _accumulator, _input_sparse_kernel as kmod
 
     B, K, N = 1, 431, 63
-    buf = _accumulator.persistent(B * N, torch.device(device))
+    x = torch.randn(B, K, device=device).to(torch.float16)
+    buf = _accumulator.persistent(B * N, x.device)
 
     class Exploding:
         def __getitem__(self, grid):
@@ -180,7 +181,6 @@ def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
             return launch
 
     monkeypatch.setattr(kmod, "_input_sparse_kernel", Exploding())
-    x = torch.randn(B, K, device=device).to(torch.float16)
     w_t = weight(K, N, torch.float16, device)
     with pytest.raises(RuntimeError, match="launch failed"):
         _triton_impl(x, w_t, torch.zeros((), device=device), config=LaunchConfig(16, 64, 128))

@@ -75,21 +75,35 @@ def test_compile_fullgraph_cpu(backend):
     torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-5)
 
 
+_KEEP: list = []  # accumulators of the test below stay allocated: graphs may hold them
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
-def test_compile_reduce_overhead_cuda_graphs():
+def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
     """fullgraph + CUDA graphs: recorded once, replayed on fresh inputs, still correct."""
     H, I = 4096, 14336
     dt = torch.bfloat16
     (_, w_t), _ = small_args(dt, "cuda", H=H, I=I)["input_sparse_gemv"]
     (_, w, _), _ = small_args(dt, "cuda", H=H, I=I)["output_sparse_gemv"]
     w2, w_down_t = torch.randn_like(w) / H**0.5, w_t.t().contiguous()
+    from triton_kernels import _accumulator
+    fresh: dict = {}  # made anew inside the cudagraph trees' warm-up below (kept alive: _KEEP)
+    _KEEP.append(fresh)
+    monkeypatch.setattr(_accumulator, "_BUFFERS", fresh)
     compiled = torch.compile(_all_ops, fullgraph=True, mode="reduce-overhead")
     for _ in range(4):  # warm-up, record, then replays
         x = torch.randn(1, H, device="cuda").to(dt)
         mask = torch.rand(1, I, device="cuda") < 0.5
         args = (x, w_t, w, w2, w_down_t, mask, torch.tensor(0.6, device="cuda"))
         torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
+    # The persistent split-K accumulators must lie outside every graph pool (pool id (0, 0)).
+    segments = torch.cuda.memory_snapshot()
+    for buf in _accumulator._BUFFERS.values():
+        seg = next(s for s in segments
+                   if s["address"] <= buf.data_ptr() < s["address"] + s["total_size"])
+        assert tuple(seg["segment_pool_id"]) == (0, 0), "accumulator allocated in a graph pool"
+    assert _accumulator._BUFFERS
 
 
 def test_validation_errors():
