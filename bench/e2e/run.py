@@ -155,9 +155,10 @@ def run(args) -> list[dict]:
                         model, 1, args.prompts[0], harness=harness)
                     print(f"profile {spec}/{harness}: {extras['profiles'][f'{spec}/{harness}']}",
                           flush=True)
-            if args.check and abs(target - 0.5) < 1e-9 and device.startswith("cuda"):
-                extras["checks"][spec] = H.check_kernel_path(model)
-                print(f"check {spec}: {extras['checks'][spec]}", flush=True)
+            if args.check and device.startswith("cuda"):
+                key = f"{spec}@{target}"
+                extras["checks"][key] = H.check_kernel_path(model)
+                print(f"check {key}: {extras['checks'][key]}", flush=True)
         sparseffn.unsparsify(model)
         torch._dynamo.reset()
         sparseffn.clear_decode_loops(model)
@@ -246,7 +247,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="profile a step at 50%% sparsity")
     p.add_argument("--check", action="store_true",
-                   help="kernel path against reference path at 50%% sparsity")
+                   help="kernel path against reference path at every sparsity level")
     p.add_argument("--kernel-mode", default="always", choices=["auto", "always", "never"],
                    help="'always' runs the kernels at every batch size ('auto' only at batch 1)")
     p.add_argument("--progress", action="store_true")
