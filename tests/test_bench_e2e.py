@@ -22,3 +22,46 @@ def test_bench_e2e_cli_smoke(tmp_path):
         assert abs(float(r["measured_sparsity"]) - 0.5) < 0.05
         assert float(r["tok_s"]) > 0 and float(r["dense_tok_s"]) == float(rows[0]["tok_s"])
     assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def _patched_tiny(method: str, scope: str):
+    import torch
+
+    import sparseffn
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
+    sparseffn.sparsify(model, method, 0.5, ids, scope=scope, kernel_mode="always",
+                       n_tokens=1024, progress=False)
+    return model
+
+
+def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
+    """The GPU correctness check on the CPU (kernel path through the ops' CPU implementations):
+    a correct kernel path agrees everywhere; a fault injected into one layer's q/k/v launch is
+    reported as the first departing module, at the first decode step."""
+    import pytest
+    import torch
+
+    import sparseffn
+    from bench.e2e.harness import check_kernel_path
+    from sparseffn import decode
+
+    if not sparseffn.modules.kernels_on("cpu"):
+        pytest.skip("needs Triton in interpreter mode (kernel_mode='always' on the CPU)")
+    model = _patched_tiny("teal", "all")
+    ok = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")
+    assert ok["greedy_tokens_identical"] == 1.0 and ok["argmax_agree_teacher_forced"] == 1.0
+    assert ok["in_model_rel_err_max"] < 1e-4 and ok["in_model_first_departure"] == "none"
+
+    real = decode.grouped_linear
+    target = model.model.layers[1].self_attn.q_proj.base.weight
+
+    def faulty(x, weights, biases, thresholds):
+        outs = real(x, weights, biases, thresholds)
+        return [o + 1.0 for o in outs] if weights[0] is target else outs
+    monkeypatch.setattr(decode, "grouped_linear", faulty)
+    bad = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")
+    assert bad["in_model_first_departure"].startswith("step 0 layer1.SparseLinear.q_proj")
+    assert torch.isfinite(torch.tensor(bad["in_model_rel_err_max"]))

@@ -124,27 +124,29 @@ def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Ten
 
 @torch.no_grad()
 def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
-                      new_tokens: int = 64) -> dict:
+                      new_tokens: int = 64, kernel_mode: str = "auto") -> dict:
     """Kernel path against the reference path on one patched model and one input.
 
     Both paths are fed the same 64 tokens (the kernel path's greedy output): the largest
     logit difference, relative to the logits' spread, and whether each step's argmax agrees;
-    then both decode greedily on their own and the generations are compared.
+    then both decode greedily on their own and the generations are compared. ``in_model_*``
+    compares every wrapper's output *inside* the kernel-path run with its reference output on
+    the same input, which names the first module that departs if the logits do.
     """
     ids = prompt_ids(model, batch, prompt, seed=7)
-    module_err = module_errors(model, ids)
-    sparseffn.set_kernel_mode(model, "auto")
+    module_err = module_errors(model, ids, kernel_mode)
+    sparseffn.set_kernel_mode(model, kernel_mode)
     gen_kernel = sparseffn.generate(model, ids, new_tokens, eos_token_id=None, compile=False)
     tokens = gen_kernel[:, prompt:]
-    kern = teacher_forced_logits(model, ids, tokens)
+    kern, in_model = in_model_errors(model, ids, tokens, kernel_mode)
     sparseffn.set_kernel_mode(model, "never")
     ref = teacher_forced_logits(model, ids, tokens)
     gen_ref = sparseffn.generate(model, ids, new_tokens, eos_token_id=None, compile=False)
-    sparseffn.set_kernel_mode(model, "auto")
+    sparseffn.set_kernel_mode(model, kernel_mode)
     diff = (kern - ref).abs()
     same = gen_kernel[:, prompt:] == gen_ref[:, prompt:]
     first_diff = int((~same).float().argmax(dim=1).min()) if not bool(same.all()) else new_tokens
-    return {**module_err, "max_abs_logit_diff": float(diff.max()),
+    return {**module_err, **in_model, "max_abs_logit_diff": float(diff.max()),
             "logit_std": float(ref.std()),
             "rel_max_diff": float(diff.max() / ref.std()),
             "argmax_agree_teacher_forced": float((kern.argmax(-1) == ref.argmax(-1)).float()
@@ -153,8 +155,60 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
             "greedy_first_divergence": first_diff}
 
 
+#: Relative error above which ``in_model_errors`` reports a module as departing.
+DEPART = 0.05
+
+
 @torch.no_grad()
-def module_errors(model: nn.Module, ids: torch.Tensor) -> dict:
+def in_model_errors(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
+                    kernel_mode: str = "auto") -> tuple[torch.Tensor, dict]:
+    """Teacher-forced logits of the kernel path, and each wrapper's in-run output against its
+    reference output on the input it saw there (decode steps only): max and median relative
+    error, and the first (step, module) whose error exceeds ``DEPART``."""
+    from sparseffn.patching import sparse_modules
+
+    mods = [(f"layer{i}.{type(m).__name__}.{getattr(m, 'site', 'mlp')}", m)
+            for i, m in sparse_modules(model)]
+    seen: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    step = {"n": -1}  # -1: prefill, not recorded
+
+    def hook(mod, args, out, i):
+        if step["n"] >= 0:
+            seen.append((step["n"], i, args[0].detach().clone(), out.detach().clone()))
+    hooks = [m.register_forward_hook(lambda mod, a, o, i=i: hook(mod, a, o, i))
+             for i, (_, m) in enumerate(mods)]
+    sparseffn.set_kernel_mode(model, kernel_mode)
+    from transformers import DynamicCache
+
+    from sparseffn.generation import cache_kwarg
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+    model(input_ids=ids, use_cache=True, **cache)
+    logits = []
+    try:
+        for t in range(tokens.shape[1]):
+            step["n"] = t
+            out = model(input_ids=tokens[:, t:t + 1], use_cache=True, **cache)
+            logits.append(out.logits[:, -1].float())
+    finally:
+        for h in hooks:
+            h.remove()
+    sparseffn.set_kernel_mode(model, "never")
+    errs, first = [], None
+    for t, i, x, y in seen:
+        r = mods[i][1](x).float()
+        e = float((y.float() - r).norm() / r.norm().clamp_min(1e-30))
+        errs.append(e)
+        if first is None and e > DEPART:
+            first = f"step {t} {mods[i][0]} ({e:.3g})"
+    sparseffn.set_kernel_mode(model, kernel_mode)
+    return torch.stack(logits), {
+        "in_model_rel_err_max": max(errs) if errs else 0.0,
+        "in_model_rel_err_median": statistics.median(errs) if errs else 0.0,
+        "in_model_first_departure": first or "none"}
+
+
+@torch.no_grad()
+def module_errors(model: nn.Module, ids: torch.Tensor, kernel_mode: str = "auto") -> dict:
     """Per-module relative error of the kernel path against the reference path on the same
     decode-step input (each wrapper's real input at one decode step): ||k - r|| / ||r||."""
     from sparseffn.patching import sparse_modules
@@ -171,10 +225,10 @@ def module_errors(model: nn.Module, ids: torch.Tensor) -> dict:
     errs = []
     for i, m in enumerate(mods):
         x = inputs[i]
-        m.set_kernel_mode("auto")
+        m.set_kernel_mode(kernel_mode)
         k = m(x).float()
         m.set_kernel_mode("never")
         r = m(x).float()
         errs.append(float((k - r).norm() / r.norm()))
-    sparseffn.set_kernel_mode(model, "auto")
+    sparseffn.set_kernel_mode(model, kernel_mode)
     return {"module_rel_err_max": max(errs), "module_rel_err_median": statistics.median(errs)}
