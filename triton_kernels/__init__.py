@@ -2,8 +2,9 @@
 
 Each op is a ``torch.library`` custom op in the ``sparseffn`` namespace (``torch.ops.sparseffn.*``)
 with a fake implementation, so ``torch.compile(fullgraph=True, mode="reduce-overhead")`` and CUDA
-graphs capture it. CUDA tensors run Triton; other devices run the plain-PyTorch reference, which
-is exported beside each op. See docs/kernels.md for semantics, layouts and measured speed.
+graphs capture it. CUDA tensors run Triton (CPU tensors too under TRITON_INTERPRET=1, as in CI);
+other devices run the plain-PyTorch reference, which is exported beside each op. See
+docs/kernels.md for semantics, layouts and measured speed.
 """
 from ._common import HAS_TRITON, INTERPRET, LaunchConfig, kernels_available, tuning_log
 from .gated_mlp import sparse_gate_up, sparse_gate_up_ref, sparse_gated_mlp, sparse_gated_mlp_ref

@@ -167,10 +167,10 @@ def sparse_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                      activation: str = "silu") -> torch.Tensor:
     """y [B, H] = down(h), h = act(gate) * up on active neurons only (see module docstring).
 
-    Give exactly one of ``threshold`` and ``mask``. CUDA tensors run the Triton kernels, others
+    Give exactly one of ``threshold`` and ``mask``. CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, others
     the reference.
     """
-    if x.is_cuda and C.kernels_available(x.device):
+    if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _triton_impl(x, w_gate, w_up, w_down_t, threshold, mask, activation)
     return sparse_gated_mlp_ref(x, w_gate, w_up, w_down_t, threshold, mask, activation)
 
@@ -192,7 +192,7 @@ def sparse_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     ``sparse_gated_mlp``, for callers that need h itself (e.g. to count active neurons) before
     ``input_sparse_gemv(h, w_down_t, threshold=0)`` finishes the MLP. Same arguments.
     """
-    if x.is_cuda and C.kernels_available(x.device):
+    if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _gate_up_triton(x, w_gate, w_up, threshold, mask, activation)
     return sparse_gate_up_ref(x, w_gate, w_up, threshold, mask, activation)
 

@@ -122,10 +122,10 @@ def input_sparse_gemv(x: torch.Tensor, w_t: torch.Tensor,
     """y [B, N] = sum over active k of x[b, k] * w_t[k, :] (see module docstring).
 
     Give exactly one of ``threshold`` (float32, broadcastable to [B, K]; active = |x| > threshold)
-    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors run the Triton kernel, others the
+    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernel, others the
     reference.
     """
-    if x.is_cuda and C.kernels_available(x.device):
+    if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _triton_impl(x, w_t, threshold, mask)
     return input_sparse_gemv_ref(x, w_t, threshold, mask)
 
@@ -187,7 +187,7 @@ def input_sparse_gemv_grouped(x: torch.Tensor, w_ts: list[torch.Tensor],
     """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g])`` for every g, side by side,
     in one launch (see module docstring). Up to three weights, all [K, N_g] of x's dtype.
     """
-    if x.is_cuda and C.kernels_available(x.device):
+    if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _grouped_triton_impl(x, w_ts, thresholds)
     return input_sparse_gemv_grouped_ref(x, w_ts, thresholds)
 

@@ -84,9 +84,10 @@ def pick_config(w: torch.Tensor, batch: int) -> C.LaunchConfig:
 def output_sparse_gemv(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """y [B, N] = (x @ w.T) where mask, exactly 0 elsewhere (see module docstring).
 
-    CUDA tensors run the Triton kernel, others the reference.
+    CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernel, others the
+    reference.
     """
-    if x.is_cuda and C.kernels_available(x.device):
+    if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _triton_impl(x, w, mask)
     return output_sparse_gemv_ref(x, w, mask)
 
