@@ -167,8 +167,8 @@ def sparse_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                      activation: str = "silu") -> torch.Tensor:
     """y [B, H] = down(h), h = act(gate) * up on active neurons only (see module docstring).
 
-    Give exactly one of ``threshold`` and ``mask``. CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, others
-    the reference.
+    Give exactly one of ``threshold`` and ``mask``. CUDA tensors (and CPU tensors under
+    TRITON_INTERPRET=1) run the Triton kernels, others the reference.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _triton_impl(x, w_gate, w_up, w_down_t, threshold, mask, activation)

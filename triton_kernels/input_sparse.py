@@ -122,8 +122,8 @@ def input_sparse_gemv(x: torch.Tensor, w_t: torch.Tensor,
     """y [B, N] = sum over active k of x[b, k] * w_t[k, :] (see module docstring).
 
     Give exactly one of ``threshold`` (float32, broadcastable to [B, K]; active = |x| > threshold)
-    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernel, others the
-    reference.
+    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors (and CPU tensors under
+    TRITON_INTERPRET=1) run the Triton kernel, others the reference.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
         return _triton_impl(x, w_t, threshold, mask)
