@@ -50,10 +50,12 @@ def target_table(rows: list[dict]) -> str:
                and _key(r) == _key(r0) and r["dtype"] == r0["dtype"]}
         sp = {s: float(r["speedup"] or 0) for s, r in pts.items()}
         bound = min(float(r["frac_of_bound"]) for s, r in pts.items() if s <= 0.9)
-        beats = {n: sum(sp[s] > v for s, v in pub.items()) for n, pub in PRIOR.items()}
-        cells = [f"{bound:.2f}"] + [f"{sp[s]:.2f}" + ("" if sp[s] >= t else " (miss)")
-                                     for s, t in TARGETS.items()]
-        cells += [f"{beats[n]}/{len(PRIOR[n])}" for n in PRIOR]
+        # Only the published points this sweep measured count (a sweep may skip some levels).
+        shared = {n: [s for s in pub if s in sp] for n, pub in PRIOR.items()}
+        beats = {n: sum(sp[s] > PRIOR[n][s] for s in shared[n]) for n in PRIOR}
+        cells = [f"{bound:.2f}"] + [(f"{sp[s]:.2f}" + ("" if sp[s] >= t else " (miss)"))
+                                     if s in sp else "-" for s, t in TARGETS.items()]
+        cells += [f"{beats[n]}/{len(shared[n])}" for n in PRIOR]
         lines.append(f"| {Case(*_key(r0)).label} | {r0['dtype']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -73,3 +73,18 @@ def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
     assert all(r["correct"] == "True" and r["speedup"] for r in rows)
     q, kv = cs.ATTN["tiny"]
     assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
+
+
+def test_report_targets_with_a_partial_sparsity_grid():
+    """A sweep that skips some of the published levels (0.4, 0.6 ...) still gets its target
+    table: prior points are counted over the levels it measured."""
+    from bench.kernels.report import target_table
+
+    rows = [{"op": "input_sparse", "model": "llama3-8b", "K": "4096", "N": "14336",
+             "dtype": "bfloat16", "batch": "1", "sparsity": str(s), "speedup": str(x),
+             "frac_of_bound": "0.5"}
+            for s, x in ((0.0, 0.9), (0.25, 1.1), (0.5, 1.9), (0.9, 6.0))]
+    table = target_table(rows)
+    line = table.splitlines()[-1]
+    assert "0.90 (miss)" in line and "1.90 |" in line and "6.00 |" in line
+    assert line.count("/3") == 2  # 0.25, 0.5 and 0.9 of each published curve
