@@ -109,6 +109,9 @@ class _KernelPath:
             else:
                 layout.restore(lin)
         self._layout_ready = use and all(layout.is_input_major(lin.weight) for lin in linears)
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.refresh()
 
     def restore_layout(self) -> None:
         for lin in self._kernel_linears():
@@ -161,12 +164,15 @@ class InputGroup:
         self.outs: list[torch.Tensor] | None = None
         for i, m in enumerate(members):
             m.group, m.group_index = self, i
+        self.refresh()
 
-    def usable(self) -> bool:
-        """Every member on the kernel path with the same input width, dtype and device."""
+    def refresh(self) -> None:
+        """Recompute ``usable`` (every member on the kernel path with the same input width,
+        dtype and device); called whenever a member's kernel mode or layout changes, so a
+        decode step only reads the flag."""
         ws = [m.base.weight for m in self.members]
-        return (all(m._kernel_ok and m._layout_ready for m in self.members)
-                and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1)
+        self.usable = (all(m._kernel_ok and m._layout_ready for m in self.members)
+                       and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1)
 
     def output(self, member: "SparseLinear", x: torch.Tensor,
                x2: torch.Tensor) -> torch.Tensor:
@@ -219,7 +225,7 @@ class SparseLinear(_KernelPath, nn.Module):
         if self.track:
             self.counter.count(above(x2.abs(), self.threshold))
         group = self.group
-        if group is not None and group.usable():
+        if group is not None and group.usable:
             y = group.output(self, x, x2)
         else:
             y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold)

@@ -77,20 +77,29 @@ def _triton_impl(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.T
     """
     B, K, N = _validate(x, w_t, threshold, mask)
     C.require_kernels(x.device)
-    from ._input_sparse_kernel import MODE_MASK, MODE_THRESHOLD, launch_input_sparse
+    from ._input_sparse_kernel import MODE_MASK, MODE_THRESHOLD
 
     if threshold is not None:
-        mode, thr, m = MODE_THRESHOLD, C.expand_threshold(threshold, B, K, x.device, ""), None
+        mode, thrs, m = MODE_THRESHOLD, [C.expand_threshold(threshold, B, K, x.device, "")], None
     else:
-        mode, thr, m = MODE_MASK, None, C.expand_mask(mask, B, K, x.device, "")
+        mode, thrs, m = MODE_MASK, None, C.expand_mask(mask, B, K, x.device, "")
     y = C.output_buffer(out, (B, N), x.dtype, x.device)
-    step = C.MAX_BATCH_PER_LAUNCH
-    for b0 in range(0, B, step):
-        sl = slice(b0, min(B, b0 + step))
-        cfg = config or pick_config(w_t, sl.stop - sl.start)
-        launch_input_sparse(x[sl], w_t, mode, None if thr is None else thr[sl],
-                            None if m is None else m[sl], y[sl], cfg)
+    _launch_chunks(x, [w_t], mode, thrs, m, y, config)
     return y
+
+
+def _launch_chunks(x: torch.Tensor, w_ts: list[torch.Tensor], mode: int,
+                   thrs: Optional[list[torch.Tensor]], mask: Optional[torch.Tensor],
+                   y: torch.Tensor, config: Optional[C.LaunchConfig]) -> None:
+    """One launch per MAX_BATCH_PER_LAUNCH sequences (thresholds / mask already [B, K] views)."""
+    from ._input_sparse_kernel import launch_input_sparse
+
+    step = C.MAX_BATCH_PER_LAUNCH
+    for b0 in range(0, x.shape[0], step):
+        sl = slice(b0, min(x.shape[0], b0 + step))
+        cfg = config or pick_config(w_ts, sl.stop - sl.start)
+        launch_input_sparse(x[sl], w_ts, mode, None if thrs is None else [t[sl] for t in thrs],
+                            None if mask is None else mask[sl], y[sl], cfg)
 
 
 def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.LaunchConfig:
@@ -103,7 +112,7 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.Lau
     widths = tuple(w.shape[1] for w in w_ts)
     N = sum(widths)
     dev, dtype = w_ts[0].device, w_ts[0].dtype
-    key = ("input_sparse", batch, K, widths if len(widths) > 1 else N, dtype, str(dev))
+    key = ("input_sparse", batch, K, widths, dtype, str(dev))
 
     def make_bench(sparsity: float):
         x = torch.randn(batch, K, device=dev, dtype=dtype)
@@ -168,16 +177,11 @@ def _grouped_triton_impl(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
     """The grouped op's Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     B, K, widths = _validate_grouped(x, w_ts, thresholds)
     C.require_kernels(x.device)
-    from ._input_sparse_kernel import MODE_THRESHOLD, launch_input_sparse
+    from ._input_sparse_kernel import MODE_THRESHOLD
 
     thrs = [C.expand_threshold(t, B, K, x.device, "") for t in thresholds]
     y = C.output_buffer(out, (B, sum(widths)), x.dtype, x.device)
-    step = C.MAX_BATCH_PER_LAUNCH
-    for b0 in range(0, B, step):
-        sl = slice(b0, min(B, b0 + step))
-        cfg = config or pick_config(list(w_ts), sl.stop - sl.start)
-        launch_input_sparse(x[sl], list(w_ts), MODE_THRESHOLD, [t[sl] for t in thrs], None,
-                            y[sl], cfg)
+    _launch_chunks(x, list(w_ts), MODE_THRESHOLD, thrs, None, y, config)
     return y
 
 

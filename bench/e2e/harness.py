@@ -106,9 +106,10 @@ def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
 
 
 @torch.no_grad()
-def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor
-                          ) -> torch.Tensor:
-    """Logits [steps, B, V] (fp32) of feeding ``tokens`` [B, steps] one at a time after ``ids``."""
+def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
+                          before_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits [steps, B, V] (fp32) of feeding ``tokens`` [B, steps] one at a time after ``ids``;
+    ``before_step(t)`` is called before decode step t."""
     from transformers import DynamicCache
 
     from sparseffn.generation import cache_kwarg
@@ -117,6 +118,8 @@ def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Ten
     model(input_ids=ids, use_cache=True, **cache)
     out = []
     for t in range(tokens.shape[1]):
+        if before_step is not None:
+            before_step(t)
         step = model(input_ids=tokens[:, t:t + 1], use_cache=True, **cache)
         out.append(step.logits[:, -1].float())
     return torch.stack(out)
@@ -172,23 +175,16 @@ def in_model_errors(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
     seen: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     step = {"n": -1}  # -1: prefill, not recorded
 
-    def hook(mod, args, out, i):
-        if step["n"] >= 0:
-            seen.append((step["n"], i, args[0].detach().clone(), out.detach().clone()))
-    hooks = [m.register_forward_hook(lambda mod, a, o, i=i: hook(mod, a, o, i))
-             for i, (_, m) in enumerate(mods)]
+    def recorder(i: int) -> Callable:
+        def hook(mod, args, out):
+            if step["n"] >= 0:
+                seen.append((step["n"], i, args[0].detach().clone(), out.detach().clone()))
+        return hook
+    hooks = [m.register_forward_hook(recorder(i)) for i, (_, m) in enumerate(mods)]
     sparseffn.set_kernel_mode(model, kernel_mode)
-    from transformers import DynamicCache
-
-    from sparseffn.generation import cache_kwarg
-    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
-    model(input_ids=ids, use_cache=True, **cache)
-    logits = []
     try:
-        for t in range(tokens.shape[1]):
-            step["n"] = t
-            out = model(input_ids=tokens[:, t:t + 1], use_cache=True, **cache)
-            logits.append(out.logits[:, -1].float())
+        logits = teacher_forced_logits(model, ids, tokens,
+                                       before_step=lambda t: step.__setitem__("n", t))
     finally:
         for h in hooks:
             h.remove()
@@ -201,7 +197,7 @@ def in_model_errors(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
         if first is None and e > DEPART:
             first = f"step {t} {mods[i][0]} ({e:.3g})"
     sparseffn.set_kernel_mode(model, kernel_mode)
-    return torch.stack(logits), {
+    return logits, {
         "in_model_rel_err_max": max(errs) if errs else 0.0,
         "in_model_rel_err_median": statistics.median(errs) if errs else 0.0,
         "in_model_first_departure": first or "none"}

@@ -91,9 +91,14 @@ def dense_weights(case: Case, dtype: torch.dtype, device: str) -> tuple[torch.Te
     return tuple(w(n, case.K) for n in case.widths)
 
 
+def reads_input_major(case: Case) -> bool:
+    """Input-sparse ops (single or grouped): transposed weights, activations gated per input."""
+    return case.op.startswith("input_sparse") or case.op in GROUPED_OPS
+
+
 def sparse_weights(case: Case, dense: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The layouts our ops take (transposed once, as at patch time)."""
-    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
+    if reads_input_major(case):
         return tuple(d.t().contiguous() for d in dense)
     if case.op == "output_sparse":
         return dense
@@ -149,7 +154,7 @@ class Point:
 def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
                weights: tuple[torch.Tensor, ...]) -> Point:
     dev = weights[0].device.type
-    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
+    if reads_input_major(case):
         x = _token_values(batch, case.K, dev).to(dtype)
         thr = _per_token_threshold(x, sparsity)
         return Point(x, thr, None, (x.float().abs() > thr).any(0).float().mean().item())
@@ -183,7 +188,7 @@ def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tens
 
 
 def reference(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    if case.op.startswith("input_sparse") or case.op in GROUPED_OPS:
+    if reads_input_major(case):
         return torch.cat([tk.input_sparse_gemv_ref(p.x, wi, threshold=p.threshold) for wi in w], 1)
     if case.op == "output_sparse":
         return tk.output_sparse_gemv_ref(p.x, w[0], p.mask)
