@@ -91,12 +91,15 @@ class _KernelPath:
         """Projections the kernels read input-major (empty: no kernel plan)."""
         raise NotImplementedError
 
-    def set_kernel_mode(self, mode: str) -> None:
+    def set_kernel_mode(self, mode: str, keep_layout: bool = False) -> None:
         """Choose the policy ("auto", "always", "never") and lay the weights out for it.
 
         The weights are re-laid out only where the kernels can run ("always", or CUDA weights
-        under "auto"); elsewhere they keep their layout, so the reference path stays bit-equal
-        to the unpatched model. A model moved to the GPU after patching needs this call again.
+        under "auto"); elsewhere they get their original layout back, so the reference path
+        stays bit-equal to the unpatched model, unless ``keep_layout``: then the reference path
+        runs on the kernels' layout, which makes its prefill bit-equal to the kernel path's (for
+        checks that compare the two). A model moved to the GPU after patching needs this call
+        again.
         """
         self.kernel_mode = mode
         kernels_on("cuda"), kernels_on("cpu")  # import the ops and cache availability now
@@ -106,7 +109,7 @@ class _KernelPath:
         for lin in linears:
             if use:
                 layout.make_input_major(lin)
-            else:
+            elif not keep_layout:
                 layout.restore(lin)
         self._layout_ready = use and all(layout.is_input_major(lin.weight) for lin in linears)
         group = getattr(self, "group", None)

@@ -89,13 +89,14 @@ def install(model: nn.Module, calibration: Calibration,
     set_kernel_mode(model, kernel_mode)
 
 
-def set_kernel_mode(model: nn.Module, mode: str) -> None:
-    """Switch every wrapper's kernel policy and weight layout (see ``install``)."""
+def set_kernel_mode(model: nn.Module, mode: str, keep_layout: bool = False) -> None:
+    """Switch every wrapper's kernel policy and weight layout (see ``install``; ``keep_layout``:
+    see ``_KernelPath.set_kernel_mode``)."""
     patch_state(model)
     if mode not in KERNEL_MODES:
         raise SparseFFNError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
     for _, module in sparse_modules(model):
-        module.set_kernel_mode(mode)
+        module.set_kernel_mode(mode, keep_layout)
 
 
 def sparse_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:

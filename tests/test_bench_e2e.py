@@ -45,7 +45,7 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     import torch
 
     import sparseffn
-    from bench.e2e.harness import check_kernel_path
+    from bench.e2e.check import check_kernel_path
     from sparseffn import decode
 
     if not sparseffn.modules.kernels_on("cpu"):
@@ -54,6 +54,7 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     ok = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")
     assert ok["greedy_tokens_identical"] == 1.0 and ok["argmax_agree_teacher_forced"] == 1.0
     assert ok["in_model_rel_err_max"] < 1e-4 and ok["in_model_first_departure"] == "none"
+    assert ok["within_rounding"] and ok["rounding_greedy_tokens_identical"] == 1.0
 
     real = decode.grouped_linear
     target = model.model.layers[1].self_attn.q_proj.base.weight
@@ -65,3 +66,4 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     bad = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")
     assert bad["in_model_first_departure"].startswith("step 0 layer1.SparseLinear.q_proj")
     assert torch.isfinite(torch.tensor(bad["in_model_rel_err_max"]))
+    assert not bad["within_rounding"]

@@ -2,10 +2,14 @@
 
 Semantics (``torch.ops.sparseffn.sparse_gated_mlp``), all products accumulated in fp32::
 
-    g      = act(x @ w_gate.T)                       [B, I]  (fp32)
+    g      = r(act(r(x @ w_gate.T)))                 [B, I]
     active = |g| > threshold    or    active = mask  [B, I]
-    h      = (g * (x @ w_up.T)) where active else 0, rounded to x's dtype (as the dense MLP does)
+    h      = r(g * r(x @ w_up.T)) where active else 0
     y      = h @ w_down_t                            [B, H]  in x's dtype
+
+where r() rounds to x's dtype: every intermediate is rounded where the dense module (nn.Linear
+and the activation, in x's dtype) rounds it, so the threshold sees the values the reference path
+of ``sparseffn.modules`` sees and decides each neuron as it does.
 
 x [B, H] (any strides); w_gate, w_up [I, H] (nn.Linear layout, unit stride along H); w_down_t
 [I, H] = down_proj.weight [H, I] transposed once at patch time, so that an inactive neuron's down
@@ -84,9 +88,12 @@ def sparse_gate_up_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     """Plain-PyTorch reference of ``sparse_gate_up``. x [B, H] -> h [B, I] in x's dtype."""
     _validate_gate_up(x, w_gate, w_up, threshold, mask, activation)
     xf = x.float()
-    g = _act_ref(xf @ w_gate.float().t(), activation)
+
+    def r(v: torch.Tensor) -> torch.Tensor:  # rounded to x's dtype, as the dense module rounds
+        return v.to(x.dtype).float()
+    g = r(_act_ref(r(xf @ w_gate.float().t()), activation))
     active = g.abs() > threshold.float() if threshold is not None else mask.expand_as(g)
-    return torch.where(active, g * (xf @ w_up.float().t()), 0.0).to(x.dtype)
+    return torch.where(active, g * r(xf @ w_up.float().t()), 0.0).to(x.dtype)
 
 
 def _gate_up_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -22,6 +22,7 @@ import torch
 
 import sparseffn
 from bench.e2e import harness as H
+from bench.e2e.check import check_kernel_path
 from bench.e2e.shapes import build_model, step_bytes
 from sparseffn.eval.sweep import save_figure
 
@@ -157,7 +158,7 @@ def run(args) -> list[dict]:
                           flush=True)
             if args.check and device.startswith("cuda"):
                 key = f"{spec}@{target}"
-                extras["checks"][key] = H.check_kernel_path(model)
+                extras["checks"][key] = check_kernel_path(model)
                 print(f"check {key}: {extras['checks'][key]}", flush=True)
         sparseffn.unsparsify(model)
         torch._dynamo.reset()

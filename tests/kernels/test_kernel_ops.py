@@ -54,7 +54,9 @@ def test_fake_impl_shape_and_dtype(name, dtype):
 def test_cpu_ops_are_the_references_or_the_interpreted_kernels():
     """On CPU tensors an op is its reference, except under TRITON_INTERPRET=1, where it runs
     the Triton kernel (so CI's patched models take the real kernel path): then it equals the
-    op's own Triton entry point and matches the reference to fp32 rounding."""
+    op's own Triton entry point and matches the reference to rounding (fp16 outputs; the gated
+    ops round gate and up to fp16, where another summation order may round one value the other
+    way: 2 ulps)."""
     from triton_kernels import gated_mlp, input_sparse, output_sparse
     triton_entry = {"input_sparse_gemv": input_sparse._triton_impl,
                     "output_sparse_gemv": output_sparse._triton_impl,
@@ -64,7 +66,7 @@ def test_cpu_ops_are_the_references_or_the_interpreted_kernels():
         ref = getattr(tk, f"{name}_ref")(*args, **kwargs)
         got = getattr(tk, name)(*args, **kwargs)
         if tk.kernels_available("cpu"):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-3)
             # Same launch configs in both calls (no tuning on the CPU): identical up to the
             # order of the split-K atomics, i.e. fp32 rounding.
             torch.testing.assert_close(got, triton_entry[name](*args, **kwargs), rtol=1e-6,

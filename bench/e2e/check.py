@@ -1,0 +1,241 @@
+"""The kernel path against the reference path on one patched model: logits, greedy generations,
+and every module on the inputs it saw.
+
+    python -m bench.e2e.check --model builtin --methods teal:all chess --sparsities 0 0.5
+    python -m bench.e2e.check --model llama3-8b --methods teal:all --sparsities 0 0.5
+
+The reference runs the same thresholds through PyTorch on the kernels' weight layout, so the
+prefill of both paths is bit-identical and only the decode steps differ.
+
+Why the check carries a yardstick: a threshold makes the sparse model discontinuous. An input
+within rounding of its threshold may be decided either way, and one channel decided the other way
+changes its projection's output by about 1/sqrt(active channels) of its size (2% at 50% of 4096),
+far more than rounding. A model that amplifies such changes over its layers departs from any
+other rounding of itself: on the H200, the Llama-3-8B shape with random weights under TEAL 50%
+departed as much with the reference path on another weight layout (F.linear summing in another
+order, no kernel at all) as with the kernel path, in fp32 too (docs/e2e.md). So the check also
+compares the reference path with itself on the original layout (``rounding_*``): the kernel path
+should depart no more than that. A real model is far less sensitive (its residual stream carries
+each layer's small update), which is why ``--model builtin`` runs the check on SmolLM2 and real
+text. ``in_model_*`` names the first module whose output departs from its reference on the
+same input inside the kernel-path run: that is where a kernel bug would show.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import sparseffn
+from bench.e2e.harness import prompt_ids, teacher_forced_logits
+from sparseffn.patching import set_kernel_mode, sparse_modules
+
+#: Relative error of one module's output (same input) above which it is reported as departing.
+#: A channel decided the other way near its threshold moves an output by about
+#: 1/sqrt(active channels): 0.13 at 90% sparsity of 576 channels (SmolLM2), the worst case we
+#: run; a kernel that computes something else (stale data, a wrong row) gives errors near 1.
+DEPART = 0.25
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Logits a, b [steps, B, V]: the largest difference, relative to b's spread, and how often
+    the argmax agrees."""
+    diff = (a - b).abs()
+    return {"max_abs_logit_diff": float(diff.max()), "logit_std": float(b.std()),
+            "rel_max_diff": float(diff.max() / b.std()),
+            "argmax_agree_teacher_forced": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return sparseffn.generate(model, ids, new_tokens, eos_token_id=None, compile=False)
+
+
+@torch.no_grad()
+def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
+                      new_tokens: int = 64, kernel_mode: str = "auto",
+                      ids: torch.Tensor | None = None) -> dict:
+    """Kernel path against the reference path (on the kernels' layout) on one input.
+
+    ``ids`` [B, P] (default: random tokens, ``batch`` x ``prompt``). Both paths are fed the
+    kernel path's greedy tokens (teacher forcing): the largest logit difference relative to the
+    logits' spread, and how often each step's argmax agrees; then both decode greedily on their
+    own. ``rounding_*``: the same comparison between the reference path on the original layout
+    and on the kernels' layout (see the module docstring). ``module_*``: each module alone on a
+    real decode-step input; ``in_model_*``: each module inside the kernel-path run.
+    """
+    ids = ids if ids is not None else prompt_ids(model, batch, prompt, seed=7)
+    P = ids.shape[1]
+    module_err = module_errors(model, ids, kernel_mode)
+    set_kernel_mode(model, kernel_mode)
+    gen_kernel = _greedy(model, ids, new_tokens)
+    tokens = gen_kernel[:, P:]
+    kern, in_model = in_model_errors(model, ids, tokens, kernel_mode)
+    set_kernel_mode(model, "never", keep_layout=True)
+    ref = teacher_forced_logits(model, ids, tokens)
+    gen_ref = _greedy(model, ids, new_tokens)
+    set_kernel_mode(model, "never")
+    ref_orig = teacher_forced_logits(model, ids, tokens)
+    gen_orig = _greedy(model, ids, new_tokens)
+    set_kernel_mode(model, kernel_mode)
+
+    def greedy(a: torch.Tensor, b: torch.Tensor, prefix: str) -> dict:
+        same = a[:, P:] == b[:, P:]
+        first = int((~same).float().argmax(dim=1).min()) if not bool(same.all()) else new_tokens
+        return {f"{prefix}greedy_tokens_identical": float(same.float().mean()),
+                f"{prefix}greedy_first_divergence": first}
+    rounding = {f"rounding_{k}": v for k, v in _agreement(ref_orig, ref).items()
+                if k != "logit_std"}
+    out = {**module_err, **in_model, **_agreement(kern, ref), **greedy(gen_kernel, gen_ref, ""),
+           **rounding, **greedy(gen_orig, gen_ref, "rounding_")}
+    out["within_rounding"] = bool(
+        out["rel_max_diff"] <= 2 * out["rounding_rel_max_diff"] + 1e-3
+        and out["in_model_rel_err_max"] < DEPART and out["module_rel_err_max"] < DEPART)
+    return out
+
+
+@torch.no_grad()
+def in_model_errors(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
+                    kernel_mode: str = "auto") -> tuple[torch.Tensor, dict]:
+    """Teacher-forced logits of the kernel path, and each wrapper's in-run output against its
+    reference output on the input it saw there (decode steps only): max and median relative
+    error, and the first (step, module) whose error exceeds ``DEPART``."""
+    mods = [(f"layer{i}.{type(m).__name__}.{getattr(m, 'site', 'mlp')}", m)
+            for i, m in sparse_modules(model)]
+    seen: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    step = {"n": -1}  # -1: prefill, not recorded
+
+    def recorder(i: int) -> Callable:
+        def hook(mod, args, out):
+            if step["n"] >= 0:
+                seen.append((step["n"], i, args[0].detach().clone(), out.detach().clone()))
+        return hook
+    hooks = [m.register_forward_hook(recorder(i)) for i, (_, m) in enumerate(mods)]
+    set_kernel_mode(model, kernel_mode)
+    try:
+        logits = teacher_forced_logits(model, ids, tokens,
+                                       before_step=lambda t: step.__setitem__("n", t))
+    finally:
+        for h in hooks:
+            h.remove()
+    set_kernel_mode(model, "never", keep_layout=True)
+    errs, first = [], None
+    for t, i, x, y in seen:
+        r = mods[i][1](x).float()
+        e = float((y.float() - r).norm() / r.norm().clamp_min(1e-30))
+        errs.append(e)
+        if first is None and e > DEPART:
+            first = f"step {t} {mods[i][0]} ({e:.3g})"
+    set_kernel_mode(model, kernel_mode)
+    return logits, {
+        "in_model_rel_err_max": max(errs) if errs else 0.0,
+        "in_model_rel_err_median": statistics.median(errs) if errs else 0.0,
+        "in_model_first_departure": first or "none"}
+
+
+@torch.no_grad()
+def module_errors(model: nn.Module, ids: torch.Tensor, kernel_mode: str = "auto") -> dict:
+    """Per-module relative error of the kernel path against the reference path on the same
+    decode-step input (each wrapper's real input at one decode step): ||k - r|| / ||r||."""
+    inputs: dict[int, torch.Tensor] = {}
+    mods = [m for _, m in sparse_modules(model)]
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach().clone()))
+        for i, m in enumerate(mods)]
+    set_kernel_mode(model, kernel_mode)
+    set_kernel_mode(model, "never", keep_layout=True)
+    teacher_forced_logits(model, ids, ids[:, -1:])  # one decode step after the prompt
+    for h in hooks:
+        h.remove()
+    errs = []
+    for i, m in enumerate(mods):
+        x = inputs[i]
+        m.set_kernel_mode(kernel_mode)
+        k = m(x).float()
+        m.set_kernel_mode("never", keep_layout=True)
+        r = m(x).float()
+        errs.append(float((k - r).norm() / r.norm()))
+    set_kernel_mode(model, kernel_mode)
+    return {"module_rel_err_max": max(errs), "module_rel_err_median": statistics.median(errs)}
+
+
+def _builtin(dtype: torch.dtype, device: str, batch: int, prompt: int):
+    """SmolLM2, its calibration text (pydoc topics, always present) and real-text prompts."""
+    from sparseffn.data import builtin_texts, token_windows
+    from sparseffn.models import load_builtin_model
+
+    model, tok = load_builtin_model(dtype, device)
+    prompts = token_windows(tok, builtin_texts("pydoc", "eval"), batch * prompt, prompt,
+                            purpose="prompt")[:batch].to(device)
+    return model, tok, builtin_texts("pydoc", "calibration"), prompts
+
+
+def run(args: argparse.Namespace) -> dict:
+    from calibrate.fit import calibrate_model
+    from sparseffn.config import SparsityConfig
+    from sparseffn.patching import install, update_thresholds
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.model == "builtin":
+        model, tok, texts, ids = _builtin(dtype, args.device, args.batch, args.prompt)
+    else:
+        from bench.e2e.shapes import build_model
+        model = build_model(args.model, dtype, args.device, args.layers)
+        tok, ids = None, prompt_ids(model, args.batch, args.prompt, seed=7)
+        g = torch.Generator().manual_seed(11)
+        texts = torch.randint(1, model.config.vocab_size, (max(1, args.calib_tokens // 256), 256),
+                              generator=g)
+    results: dict = {"args": vars(args), "checks": {}}
+    for spec in args.methods:
+        method, _, scope = spec.partition(":")
+        cals = [calibrate_model(model, tok, texts, SparsityConfig(method=method, sparsity=s,
+                                                                  scope=scope or "mlp"),
+                                args.calib_tokens, 256, batch_size=4, progress=False,
+                                data_name="pydoc" if tok is not None else "random token ids")
+                for s in args.sparsities]
+        install(model, cals[0], kernel_mode=args.kernel_mode)
+        for s, cal in zip(args.sparsities, cals):
+            update_thresholds(model, cal)
+            res = check_kernel_path(model, new_tokens=args.new_tokens,
+                                    kernel_mode=args.kernel_mode, ids=ids)
+            results["checks"][f"{spec}@{s}"] = res
+            print(f"[{time.perf_counter() - t0:5.0f}s] {spec}@{s}: {res}", flush=True)
+        sparseffn.unsparsify(model)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.e2e.check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin",
+                   help="'builtin' (SmolLM2, real text) or a shape of bench.e2e.shapes")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (shapes only)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", nargs="+", default=["teal:all", "chess"])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--kernel-mode", default="auto", choices=["auto", "always"])
+    p.add_argument("--json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""How far a patched model's outputs move under rounding-sized changes, layer by layer.
+
+    python -m bench.e2e.sensitivity --shape llama3-8b --method teal:all --sparsity 0.5 \
+        --json out.json
+
+Feeds one prompt and 32 random tokens (teacher forcing) through the reference path and through
+variants of it, and reports for each variant the relative difference of the new token's hidden
+state after every layer, at the prefill and at every decode step, and the logits' agreement:
+    kernel path (twice), kernel path without grouped launches, kernel path with temporary
+    accumulators; the reference path on the kernels' weight layout (same math, another
+    summation order in F.linear); the reference path with 1e-3 relative noise on every sparse
+    module's output.
+This is the tool that showed the H200 whole-model check failure to be the random model's
+sensitivity, not a kernel fault (docs/e2e.md, docs/results/rounding_*.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sparseffn
+from bench.e2e.run import calibrations
+from bench.e2e.shapes import build_model
+from sparseffn import decode
+from sparseffn import modules as M
+from sparseffn.patching import install, set_kernel_mode, sparse_modules
+
+
+@torch.no_grad()
+def tf(model, ids, tokens):
+    from transformers import DynamicCache
+
+    from sparseffn.generation import cache_kwarg
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+    o = model(input_ids=ids, use_cache=True, output_hidden_states=True, **cache)
+    pre = (o.logits[:, -1].float(), torch.stack([h[:, -1].float() for h in o.hidden_states]))
+    logits, hs = [], []
+    for t in range(tokens.shape[1]):
+        o = model(input_ids=tokens[:, t:t + 1], use_cache=True, output_hidden_states=True,
+                  **cache)
+        logits.append(o.logits[:, -1].float())
+        hs.append(torch.stack([h[:, -1].float() for h in o.hidden_states]))
+    return pre, torch.stack(logits), torch.stack(hs)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare(name, res, ref):
+    (pl, ph), lg, hs = res
+    (rpl, rph), rlg, rhs = ref
+    T, L = hs.shape[0], hs.shape[1]
+    out = {
+        "prefill_logit_rel": rel(pl, rpl),
+        "prefill_argmax_same": bool((pl.argmax(-1) == rpl.argmax(-1)).all()),
+        "prefill_hidden_rel_by_layer": [round(rel(ph[i], rph[i]), 6) for i in range(L)],
+        "argmax_agree_by_step": [int((lg[t].argmax(-1) == rlg[t].argmax(-1)).all())
+                                 for t in range(T)],
+        "logit_rel_by_step": [round(rel(lg[t], rlg[t]), 5) for t in range(T)],
+        "hidden_rel_step0_by_layer": [round(rel(hs[0, i], rhs[0, i]), 6) for i in range(L)],
+        "hidden_rel_last_by_layer": [round(rel(hs[-1, i], rhs[-1, i]), 6) for i in range(L)],
+        "final_hidden_rel_by_step": [round(rel(hs[t, -1], rhs[t, -1]), 5) for t in range(T)],
+        "max_abs_logit_diff_over_std": float((lg - rlg).abs().max() / rlg.std()),
+    }
+    short = {k: out[k] for k in ("prefill_logit_rel", "prefill_argmax_same",
+                                 "max_abs_logit_diff_over_std")}
+    short["argmax_agree"] = sum(out["argmax_agree_by_step"]) / T
+    short["step0_layers"] = out["hidden_rel_step0_by_layer"][:6] + ["..."] + \
+        out["hidden_rel_step0_by_layer"][-3:]
+    short["logit_rel_steps"] = out["logit_rel_by_step"][:6]
+    print(f"== {name}: {short}", flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--method", default="teal:all")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--mode", default="auto")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--json")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, a.dtype)
+    model = build_model(a.shape, dtype, dev, a.layers)
+    method, _, scope = a.method.partition(":")
+    cals, _ = calibrations(model, method, scope or "mlp", [a.sparsity], 1024, 256, False)
+    install(model, cals[0], kernel_mode="never")
+    print(f"[{time.perf_counter() - t0:.0f}s] built and calibrated", flush=True)
+    g = torch.Generator().manual_seed(7)
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (1, a.prompt), generator=g).to(dev)
+    tokens = torch.randint(1, V, (1, a.steps), generator=g).to(dev)
+    results = {}
+
+    def run(name, mode, setup=None, teardown=None, keep_layout_reference=False):
+        if setup:
+            setup()
+        sparseffn.set_kernel_mode(model, mode)
+        if keep_layout_reference:  # the kernels' layout, then the reference path on it
+            set_kernel_mode(model, "never", keep_layout=True)
+        r = tf(model, ids, tokens)
+        if teardown:
+            teardown()
+        sparseffn.set_kernel_mode(model, "never")
+        return r
+
+    ref = run("ref", "never")
+    results["ref_again"] = compare("ref again (determinism)", run("r2", "never"), ref)
+    results["kernel"] = compare("kernel path", run("k", a.mode), ref)
+    results["kernel_again"] = compare("kernel path again", run("k2", a.mode), ref)
+
+    # layout only: the kernels' weight layout, reference math on decode steps
+    results["layout_only"] = compare("layout only", run(
+        "lay", a.mode, keep_layout_reference=True), ref)
+
+    # noise: reference path with 1e-3 relative noise on every sparse module's output
+    gen = torch.Generator(device=dev).manual_seed(3)
+    hooks = []
+
+    def add_noise():
+        for _, m in sparse_modules(model):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out: out * (1 + 1e-3 * torch.randn(
+                    out.shape, generator=gen, device=out.device, dtype=torch.float32)
+                ).to(out.dtype)))
+
+    def rm_noise():
+        for h in hooks:
+            h.remove()
+        hooks.clear()
+    results["noise_1e-3"] = compare("reference + 1e-3 noise", run("noise", "never", add_noise,
+                                                                  rm_noise), ref)
+
+    # kernel path without grouping (q/k/v and gate/up separately)
+    orig_refresh, orig_grouped = M.InputGroup.refresh, decode.grouped_linear
+
+    def sep(x, ws, bs, ts):
+        return [decode.linear(x, w, b, t) for w, b, t in zip(ws, bs, ts)]
+
+    def nogroup():
+        def refresh(self):
+            self.usable = False
+        M.InputGroup.refresh = refresh
+        decode.grouped_linear = sep
+
+    def regroup():
+        M.InputGroup.refresh, decode.grouped_linear = orig_refresh, orig_grouped
+    results["kernel_nogroup"] = compare("kernel path, no grouping", run(
+        "ng", a.mode, nogroup, regroup), ref)
+
+    from triton_kernels import _accumulator, _common
+    results["kernel_tempacc"] = compare("kernel path, temporary accumulators", run(
+        "ta", a.mode, lambda: setattr(_accumulator, "ENABLED", False),
+        lambda: setattr(_accumulator, "ENABLED", True)), ref)
+    print(f"[{time.perf_counter() - t0:.0f}s] tuned: "
+          f"{[(k, str(v)) for k, v in _common._TUNED.items()]}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), **results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
