@@ -146,6 +146,29 @@ def test_kernel_mode_never_keeps_layout_and_set_kernel_mode_switches():
         sparseffn.set_kernel_mode(model, "fast")
 
 
+def test_reference_path_on_the_kernel_layout(monkeypatch):
+    """``keep_layout``: the reference path runs on the kernels' layout (what the correctness
+    check compares against), with no kernel call, and its prefill is bit-equal to the kernel
+    path's."""
+    from sparseffn.patching import set_kernel_mode
+
+    model = tiny_model("llama").to(DEVICE)
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", kernel_mode="always", **CALIB)
+    q = model.model.layers[0].self_attn.q_proj.base
+    ids = IDS[:1, :12].to(DEVICE)
+    with torch.no_grad():
+        kernel_prefill = model(input_ids=ids).logits
+    set_kernel_mode(model, "never", keep_layout=True)
+    assert layout.is_input_major(q.weight)
+    calls = spy(monkeypatch)
+    logits = decode_logits(model, ids, IDS[:1, 12:15].to(DEVICE))
+    assert sum(calls.values()) == 0 and torch.isfinite(logits).all()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, kernel_prefill)
+    set_kernel_mode(model, "never")
+    assert q.weight.is_contiguous()
+
+
 def test_no_kernel_path_with_gradients_or_prefill(monkeypatch):
     """Training (gradients) and prefill (many tokens) take the reference path."""
     _, kern = pair("llama", "cats", "mlp", 0.5)

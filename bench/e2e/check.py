@@ -7,17 +7,20 @@ and every module on the inputs it saw.
 The reference runs the same thresholds through PyTorch on the kernels' weight layout, so the
 prefill of both paths is bit-identical and only the decode steps differ.
 
-Why the check carries a yardstick: a threshold makes the sparse model discontinuous. An input
-within rounding of its threshold may be decided either way, and one channel decided the other way
-changes its projection's output by about 1/sqrt(active channels) of its size (2% at 50% of 4096),
-far more than rounding. A model that amplifies such changes over its layers departs from any
-other rounding of itself: on the H200, the Llama-3-8B shape with random weights under TEAL 50%
-departed as much with the reference path on another weight layout (F.linear summing in another
-order, no kernel at all) as with the kernel path, in fp32 too (docs/e2e.md). So the check also
-compares the reference path with itself on the original layout (``rounding_*``): the kernel path
-should depart no more than that. A real model is far less sensitive (its residual stream carries
-each layer's small update), which is why ``--model builtin`` runs the check on SmolLM2 and real
-text. ``in_model_*`` names the first module whose output departs from its reference on the
+Why the check carries yardsticks: a threshold makes the sparse model discontinuous. An input
+within rounding of its threshold may be decided either way, and one channel decided the other
+way changes its projection's output by about 1/sqrt(active channels) of its size (2% at 50% of
+4096), far more than rounding; over many layers such changes compound. So the check also
+measures how far the reference path moves under rounding alone, and the kernel path should move
+no further:
+  ``rounding_*``: the reference path on the original weight layout (F.linear sums in another
+      order) against the reference path on the kernels' layout. On the H200 the Llama-3-8B shape
+      with random weights under TEAL 50% departed as far this way as with the kernel path, in
+      fp32 too (docs/e2e.md). Some models give bit-identical results here (SmolLM2 did).
+  ``one_rounding_*``: every sparse module's output rounded once more (``one_rounding``).
+In bf16 both paths' greedy generations part within a few tokens on SmolLM2 too, as they do
+under one extra rounding; greedy agreement is a test of the model's margins, not of the
+kernels. ``in_model_*`` names the first module whose output departs from its reference on the
 same input inside the kernel-path run: that is where a kernel bug would show.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -79,6 +83,9 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
     set_kernel_mode(model, "never", keep_layout=True)
     ref = teacher_forced_logits(model, ids, tokens)
     gen_ref = _greedy(model, ids, new_tokens)
+    with one_rounding(model):
+        ref_noisy = teacher_forced_logits(model, ids, tokens)
+        gen_noisy = _greedy(model, ids, new_tokens)
     set_kernel_mode(model, "never")
     ref_orig = teacher_forced_logits(model, ids, tokens)
     gen_orig = _greedy(model, ids, new_tokens)
@@ -89,14 +96,36 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
         first = int((~same).float().argmax(dim=1).min()) if not bool(same.all()) else new_tokens
         return {f"{prefix}greedy_tokens_identical": float(same.float().mean()),
                 f"{prefix}greedy_first_divergence": first}
-    rounding = {f"rounding_{k}": v for k, v in _agreement(ref_orig, ref).items()
-                if k != "logit_std"}
-    out = {**module_err, **in_model, **_agreement(kern, ref), **greedy(gen_kernel, gen_ref, ""),
-           **rounding, **greedy(gen_orig, gen_ref, "rounding_")}
+    out = {**module_err, **in_model, **_agreement(kern, ref), **greedy(gen_kernel, gen_ref, "")}
+    for prefix, logits, gen in (("rounding_", ref_orig, gen_orig),
+                                ("one_rounding_", ref_noisy, gen_noisy)):
+        out.update({prefix + k: v for k, v in _agreement(logits, ref).items()
+                    if k != "logit_std"})
+        out.update(greedy(gen, gen_ref, prefix))
+    yardstick = max(out["rounding_rel_max_diff"], out["one_rounding_rel_max_diff"])
     out["within_rounding"] = bool(
-        out["rel_max_diff"] <= 2 * out["rounding_rel_max_diff"] + 1e-3
+        out["rel_max_diff"] <= 2 * yardstick + 1e-3
         and out["in_model_rel_err_max"] < DEPART and out["module_rel_err_max"] < DEPART)
     return out
+
+
+@contextmanager
+def one_rounding(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Every sparse module's output y becomes y * (1 + e), e uniform in +-eps/2 of y's dtype (a
+    different rounding of each output element, about what another summation order gives), for
+    the ``one_rounding_*`` yardstick of ``check_kernel_path``."""
+    gen: dict[torch.device, torch.Generator] = {}
+
+    def hook(mod, args, out):
+        g = gen.setdefault(out.device, torch.Generator(device=out.device).manual_seed(seed))
+        e = torch.rand(out.shape, generator=g, device=out.device) - 0.5
+        return (out.float() * (1 + torch.finfo(out.dtype).eps * e)).to(out.dtype)
+    hooks = [m.register_forward_hook(hook) for _, m in sparse_modules(model)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
