@@ -1,4 +1,4 @@
-"""Command line: ``sparseffn calibrate | eval | demo | finetune | bench e2e``.
+"""Command line: ``sparseffn calibrate | eval | demo | finetune | bench e2e | bench check``.
 
 Every command works offline on the built-in model (``--model builtin``, the default) and
 built-in text; ``--model`` also takes any local Hugging Face folder or hub name.
@@ -119,6 +119,11 @@ def cmd_bench_e2e(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
+def cmd_bench_check(args: argparse.Namespace) -> None:
+    from bench.e2e.check import run
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparseffn.config import ALLOCATIONS, METHODS, SCOPES
     parser = argparse.ArgumentParser(prog="sparseffn", description=__doc__,
@@ -177,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "random-weight model of a real shape (needs a GPU)")
     e2e_parser(e2e)
     e2e.set_defaults(func=cmd_bench_e2e)
+    from bench.e2e.check import build_parser as check_parser
+    check = bench.add_parser("check", help="kernel path against reference path on one model "
+                                           "(logits, greedy tokens, every module; a GPU)")
+    check_parser(check)
+    check.set_defaults(func=cmd_bench_check)
     return parser
 
 

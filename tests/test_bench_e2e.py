@@ -68,3 +68,24 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     assert bad["in_model_first_departure"].startswith("step 0 layer1.SparseLinear.q_proj")
     assert torch.isfinite(torch.tensor(bad["in_model_rel_err_max"]))
     assert not bad["within_rounding"]
+
+
+def test_bench_check_cli_writes_a_passing_check(tmp_path):
+    """`sparseffn bench check` on a tiny random model, kernels through the interpreter."""
+    import json
+
+    import pytest
+
+    import sparseffn
+
+    if not sparseffn.modules.kernels_on("cpu"):
+        pytest.skip("needs Triton in interpreter mode (kernel_mode='always' on the CPU)")
+    out = tmp_path / "check.json"
+    rc = main(["bench", "check", "--model", "tiny-llama", "--dtype", "float32", "--device", "cpu",
+               "--methods", "teal:all", "--sparsities", "0.5", "--prompt", "8",
+               "--new-tokens", "3", "--calib-tokens", "1024", "--kernel-mode", "always",
+               "--json", str(out)])
+    assert rc == 0
+    check = json.load(open(out))["checks"]["teal:all@0.5"]
+    assert check["within_rounding"] and check["in_model_first_departure"] == "none"
+    assert check["argmax_agree_teacher_forced"] == 1.0

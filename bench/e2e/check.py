@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         g = torch.Generator().manual_seed(11)
         texts = torch.randint(1, model.config.vocab_size, (max(1, args.calib_tokens // 256), 256),
                               generator=g)
-    results: dict = {"args": vars(args), "checks": {}}
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}  # not the CLI's func
+    results: dict = {"args": settings, "checks": {}}
     for spec in args.methods:
         method, _, scope = spec.partition(":")
         cals = [calibrate_model(model, tok, texts, SparsityConfig(method=method, sparsity=s,
@@ -242,9 +243,9 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.e2e.check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="bench.e2e.check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin",
                    help="'builtin' (SmolLM2, real text) or a shape of bench.e2e.shapes")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (shapes only)")
