@@ -15,7 +15,12 @@ sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 
 With several K ranges, each program adds its fp32 partial into a zeroed fp32 [B, N] accumulator
 (``tl.atomic_add``, relaxed), and ``_finish_kernel`` then writes y from it in y's dtype and
 zeroes it again, so the persistent accumulator of ``_accumulator`` is ready for the next call
-(one extra launch per call; a fill kernel and a cast before it). Stream order alone separates
+(one extra launch per call; a fill kernel and a cast before it). With
+``_accumulator.FUSED_FINISH`` (SPARSEFFN_FUSED_FINISH=1, off by default) the last program of each
+column block, by a per-block ticket, does the finishing in the GEMV itself: one launch per call.
+A ticketed version that read the sums with plain loads was intermittently wrong at batch > 1 on
+the H100 (docs/kernels.md); this one reads them by atomic exchange, in L2, and stays off until
+it has passed the GPU race tests. Stream order alone separates
 the adds from the finish: no program reads what another wrote, so there is no ticket, no
 last-program logic and no ordering hazard (a ticketed one-kernel version was intermittently wrong
 at batch 3-4, docs/kernels.md). The fp32 order of the adds varies between runs, so y may differ in
@@ -74,10 +79,10 @@ def _input_sparse_kernel(
     stride_ob,
     w2_ptr, thr2_ptr, N2, stride_wk2, stride_tb2, stride_tk2,
     w3_ptr, thr3_ptr, N3, stride_wk3, stride_tb3, stride_tk3,
-    NB1, NB2,
+    NB1, NB2, y_ptr, ticket_ptr, stride_yb,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr, GROUPS: tl.constexpr,
+    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, FUSED_FINISH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -146,6 +151,22 @@ def _input_sparse_kernel(
     out_ok = b_ok[:, None] & n_ok[None, :]
     if ATOMIC:  # one of several K ranges: add into the zeroed fp32 accumulator
         tl.atomic_add(out_ptrs, res, mask=out_ok, sem="relaxed")
+        if FUSED_FINISH:
+            # Every thread's adds are issued before the block's one ticket (acq_rel, gpu
+            # scope); the program that takes the last ticket of its column block reads the sums
+            # and zeroes them with atomic exchanges, which are performed in L2, where the adds
+            # went, so no stale L1 line can be read; then it resets the ticket.
+            tl.debug_barrier()
+            done = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
+            if done == tl.num_programs(1) - 1:
+                # as int32 bits: the interpreter exchanges integers only
+                bits = tl.atomic_xchg(out_ptrs.to(tl.pointer_type(tl.int32)),
+                                      tl.zeros_like(res).to(tl.int32), mask=out_ok,
+                                      sem="acquire")
+                tot = bits.to(tl.float32, bitcast=True)
+                y_ptrs = y_ptr + offs_b[:, None] * stride_yb + col0 + offs_n[None, :]
+                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_ok)
+                tl.atomic_xchg(ticket_ptr + pid_n, 0)
     else:
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_ok)
 
@@ -193,10 +214,13 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     blocks = [triton.cdiv(n, cfg.cols) for n in widths]
     grid = (sum(blocks), triton.cdiv(K, span))
     atomic = grid[1] > 1
+    tickets = None
     if not atomic:
         target, acc = out, None
     else:
         acc = _accumulator.persistent(B * N, x.device)
+        if acc is not None and _accumulator.FUSED_FINISH:
+            tickets = _accumulator.persistent(grid[0], x.device, torch.int32)
         # No persistent buffer (turned off, or first seen during a graph capture): a temporary
         # zeroed one; _finish_kernel zeroes it again for nothing, at no extra launch.
         target = (acc if acc is not None
@@ -219,17 +243,20 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             x.stride(0), x.stride(1), w_ts[0].stride(0), thr_ts[0].stride(0),
             thr_ts[0].stride(1), mask_t.stride(0), mask_t.stride(1),
             target.stride(0),
-            *extra, blocks[0], sum(blocks[:2]),
+            *extra, blocks[0], sum(blocks[:2]), out, tickets if tickets is not None else idx,
+            out.stride(0),
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            num_warps=cfg.num_warps,
+            FUSED_FINISH=tickets is not None, num_warps=cfg.num_warps,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
             acc.zero_()
+        if tickets is not None:
+            tickets.zero_()
         raise
-    if atomic:
+    if atomic and tickets is None:
         _finish_kernel[(triton.cdiv(B * N, FINISH_BLOCK),)](target, out, B * N,
                                                              BLOCK=FINISH_BLOCK)
 

@@ -69,9 +69,11 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
     ``ids`` [B, P] (default: random tokens, ``batch`` x ``prompt``). Both paths are fed the
     kernel path's greedy tokens (teacher forcing): the largest logit difference relative to the
     logits' spread, and how often each step's argmax agrees; then both decode greedily on their
-    own. ``rounding_*``: the same comparison between the reference path on the original layout
-    and on the kernels' layout (see the module docstring). ``module_*``: each module alone on a
-    real decode-step input; ``in_model_*``: each module inside the kernel-path run.
+    own. ``rounding_*`` and ``one_rounding_*``: the same comparisons for the reference path on
+    the original layout, and with every sparse output rounded once more, against the reference
+    path (the yardsticks of the module docstring); ``within_rounding`` sums them up.
+    ``module_*``: each module alone on a real decode-step input; ``in_model_*``: each module
+    inside the kernel-path run.
     """
     ids = ids if ids is not None else prompt_ids(model, batch, prompt, seed=7)
     P = ids.shape[1]
@@ -117,8 +119,9 @@ def one_rounding(model: nn.Module, seed: int = 0) -> Iterator[None]:
     gen: dict[torch.device, torch.Generator] = {}
 
     def hook(mod, args, out):
-        g = gen.setdefault(out.device, torch.Generator(device=out.device).manual_seed(seed))
-        e = torch.rand(out.shape, generator=g, device=out.device) - 0.5
+        if out.device not in gen:
+            gen[out.device] = torch.Generator(device=out.device).manual_seed(seed)
+        e = torch.rand(out.shape, generator=gen[out.device], device=out.device) - 0.5
         return (out.float() * (1 + torch.finfo(out.dtype).eps * e)).to(out.dtype)
     hooks = [m.register_forward_hook(hook) for _, m in sparse_modules(model)]
     try:

@@ -26,7 +26,7 @@ OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
 # input_sparse with a temporary zeroed accumulator per call instead of the persistent one.
-AB_OPS = ("input_sparse_tempacc",)
+AB_OPS = ("input_sparse_tempacc", "input_sparse_fusedfinish")
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
 # about 8x the output rounding of each dtype.
@@ -171,13 +171,16 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
 def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if case.op == "input_sparse":
         return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
-    if case.op == "input_sparse_tempacc":
+    if case.op in AB_OPS:  # the same op with one accumulator switch flipped
         from triton_kernels import _accumulator
-        saved, _accumulator.ENABLED = _accumulator.ENABLED, False
+        flag, value = (("ENABLED", False) if case.op == "input_sparse_tempacc"
+                       else ("FUSED_FINISH", True))
+        saved = getattr(_accumulator, flag)
+        setattr(_accumulator, flag, value)
         try:
             return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
         finally:
-            _accumulator.ENABLED = saved
+            setattr(_accumulator, flag, saved)
     if case.op.endswith("_grouped"):
         return tk.input_sparse_gemv_grouped(p.x, list(w), [p.threshold] * len(w))
     if case.op.endswith("_separate"):

@@ -56,8 +56,9 @@ def test_sweep_smoke_cpu(tmp_path):
 
 
 def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
-    """The grouped q/k/v and gate/up cases, their separate-call twins and the temporary-
-    accumulator A/B case run through the sweep and check correct against the reference."""
+    """The grouped q/k/v and gate/up cases, their separate-call twins and the A/B cases
+    (temporary accumulators, in-kernel finish) run through the sweep and check correct against
+    the reference."""
     from bench.kernels import cases as cs, sweep
 
     out = tmp_path / "sweep.csv"
@@ -68,8 +69,9 @@ def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
     assert rc == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    # 4 grouped cases + the A/B case in 2 directions, x 2 sparsities
-    assert len(rows) == 12
+    # 4 grouped cases + the 2 A/B cases in 2 directions, x 2 sparsities
+    assert len(rows) == 16
+    assert {r["op"] for r in rows} >= set(cs.AB_OPS)
     assert all(r["correct"] == "True" and r["speedup"] for r in rows)
     q, kv = cs.ATTN["tiny"]
     assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
