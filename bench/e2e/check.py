@@ -239,10 +239,10 @@ def run(args: argparse.Namespace) -> dict:
                                     kernel_mode=args.kernel_mode, ids=ids)
             results["checks"][f"{spec}@{s}"] = res
             print(f"[{time.perf_counter() - t0:5.0f}s] {spec}@{s}: {res}", flush=True)
+            if args.json:  # after every check: a cut-off run keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
         sparseffn.unsparsify(model)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
     return results
 
 
