@@ -15,17 +15,17 @@ sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 
 With several K ranges, each program adds its fp32 partial into a zeroed fp32 [B, N] accumulator
 (``tl.atomic_add``, relaxed), and ``_finish_kernel`` then writes y from it in y's dtype and
 zeroes it again, so the persistent accumulator of ``_accumulator`` is ready for the next call
-(one extra launch per call; a fill kernel and a cast before it). With
-``_accumulator.FUSED_FINISH`` (SPARSEFFN_FUSED_FINISH=1, off by default) the last program of each
-column block, by a per-block ticket, does the finishing in the GEMV itself: one launch per call.
-A ticketed version that read the sums with plain loads was intermittently wrong at batch > 1 on
-the H100 (docs/kernels.md); this one reads them by atomic exchange, in L2, and stays off until
-it has passed the GPU race tests. Stream order alone separates
+(one extra launch per call; a fill kernel and a cast before it). Stream order alone separates
 the adds from the finish: no program reads what another wrote, so there is no ticket, no
-last-program logic and no ordering hazard (a ticketed one-kernel version was intermittently wrong
-at batch 3-4, docs/kernels.md). The fp32 order of the adds varies between runs, so y may differ in
-its last bit between identical calls. Against a second kernel summing [K ranges, B, N] partials in
-a fixed order the atomic sums were 3-12% faster at sparsity 0 and 5-21% at 0.5 (H100, 2026-11-23).
+last-program logic and no ordering hazard. The fp32 order of the adds varies between runs, so y
+may differ in its last bit between identical calls. Against a second kernel summing
+[K ranges, B, N] partials in a fixed order the atomic sums were 3-12% faster at sparsity 0 and
+5-21% at 0.5 (H100, 2026-11-23).
+Opt-in one-launch variant, ``_accumulator.FUSED_FINISH`` (SPARSEFFN_FUSED_FINISH=1, off by
+default): the program that takes the last ticket of its column block does the finishing in the
+GEMV itself. A ticketed version that read the sums with plain loads was intermittently wrong at
+batch 3-4 on the H100 (docs/kernels.md); this one reads them by atomic exchange, in L2, and
+stays off until it has passed the GPU race tests.
 """
 from __future__ import annotations
 
