@@ -25,7 +25,8 @@ ATTN = {"llama3-8b": (4096, 1024), "mistral-7b": (4096, 1024), "qwen2.5-7b": (35
 OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
-# input_sparse with a temporary zeroed accumulator per call instead of the persistent one.
+# input_sparse with one accumulator switch flipped: a temporary zeroed accumulator per call
+# instead of the persistent one; the opt-in in-kernel finish (one launch per call).
 AB_OPS = ("input_sparse_tempacc", "input_sparse_fusedfinish")
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
