@@ -85,7 +85,7 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
     set_kernel_mode(model, "never", keep_layout=True)
     ref = teacher_forced_logits(model, ids, tokens)
     gen_ref = _greedy(model, ids, new_tokens)
-    with one_rounding(model):
+    with perturbed_outputs(model):  # one rounding more
         ref_noisy = teacher_forced_logits(model, ids, tokens)
         gen_noisy = _greedy(model, ids, new_tokens)
     set_kernel_mode(model, "never")
@@ -112,17 +112,22 @@ def check_kernel_path(model: nn.Module, batch: int = 1, prompt: int = 64,
 
 
 @contextmanager
-def one_rounding(model: nn.Module, seed: int = 0) -> Iterator[None]:
-    """Every sparse module's output y becomes y * (1 + e), e uniform in +-eps/2 of y's dtype (a
-    different rounding of each output element, about what another summation order gives), for
-    the ``one_rounding_*`` yardstick of ``check_kernel_path``."""
+def perturbed_outputs(model: nn.Module, scale: float | None = None, normal: bool = False,
+                      seed: int = 0) -> Iterator[None]:
+    """Every sparse module's output y becomes y * (1 + scale * e), e uniform in [-1/2, 1/2]
+    (or standard normal); ``scale`` None is the eps of y's dtype: a different rounding of each
+    output element, about what another summation order gives (the ``one_rounding_*``
+    yardstick of ``check_kernel_path``)."""
     gen: dict[torch.device, torch.Generator] = {}
 
     def hook(mod, args, out):
         if out.device not in gen:
             gen[out.device] = torch.Generator(device=out.device).manual_seed(seed)
-        e = torch.rand(out.shape, generator=gen[out.device], device=out.device) - 0.5
-        return (out.float() * (1 + torch.finfo(out.dtype).eps * e)).to(out.dtype)
+        draw = torch.randn if normal else torch.rand
+        e = draw(out.shape, generator=gen[out.device], device=out.device)
+        e = e if normal else e - 0.5
+        s = torch.finfo(out.dtype).eps if scale is None else scale
+        return (out.float() * (1 + s * e)).to(out.dtype)
     hooks = [m.register_forward_hook(hook) for _, m in sparse_modules(model)]
     try:
         yield

@@ -18,19 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 
 import sparseffn
+from bench.e2e.check import perturbed_outputs
 from bench.e2e.run import calibrations
 from bench.e2e.shapes import build_model
 from sparseffn import decode
 from sparseffn import modules as M
-from sparseffn.patching import install, set_kernel_mode, sparse_modules
+from sparseffn.patching import install, set_kernel_mode
 
 
 @torch.no_grad()
-def tf(model, ids, tokens):
+def teacher_forced_states(model, ids, tokens):
+    """((prefill logits [B, V], hidden states [L+1, B, H]), step logits [T, B, V], step hidden
+    states [T, L+1, B, H]) of the last position, feeding ``tokens`` [B, T] one at a time."""
     from transformers import DynamicCache
 
     from sparseffn.generation import cache_kwarg
@@ -76,8 +81,32 @@ def compare(name, res, ref):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser()
+@contextmanager
+def _patched(obj, name: str, value) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+@contextmanager
+def _no_groups() -> Iterator[None]:
+    """q/k/v and gate/up computed by separate launches."""
+    def separate(x, ws, bs, ts):
+        return [decode.linear(x, w, b, t) for w, b, t in zip(ws, bs, ts)]
+
+    def never_usable(group):
+        group.usable = False
+    with _patched(M.InputGroup, "refresh", never_usable), \
+            _patched(decode, "grouped_linear", separate):
+        yield
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="bench.e2e.sensitivity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
@@ -87,7 +116,7 @@ def main():
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     t0 = time.perf_counter()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
@@ -102,71 +131,37 @@ def main():
     tokens = torch.randint(1, V, (1, a.steps), generator=g).to(dev)
     results = {}
 
-    def run(name, mode, setup=None, teardown=None, keep_layout_reference=False):
-        if setup:
-            setup()
-        sparseffn.set_kernel_mode(model, mode)
-        if keep_layout_reference:  # the kernels' layout, then the reference path on it
-            set_kernel_mode(model, "never", keep_layout=True)
-        r = tf(model, ids, tokens)
-        if teardown:
-            teardown()
+    def run(mode, ctx=None, keep_layout_reference=False):
+        """Teacher-forced states under ``mode``, inside ``ctx`` (entered before the mode is set,
+        so a patched group refresh takes effect)."""
+        with ctx or nullcontext():
+            sparseffn.set_kernel_mode(model, mode)
+            if keep_layout_reference:  # the kernels' layout, then the reference path on it
+                set_kernel_mode(model, "never", keep_layout=True)
+            r = teacher_forced_states(model, ids, tokens)
         sparseffn.set_kernel_mode(model, "never")
         return r
 
-    ref = run("ref", "never")
-    results["ref_again"] = compare("ref again (determinism)", run("r2", "never"), ref)
-    results["kernel"] = compare("kernel path", run("k", a.mode), ref)
-    results["kernel_again"] = compare("kernel path again", run("k2", a.mode), ref)
-
-    # layout only: the kernels' weight layout, reference math on decode steps
-    results["layout_only"] = compare("layout only", run(
-        "lay", a.mode, keep_layout_reference=True), ref)
-
-    # noise: reference path with 1e-3 relative noise on every sparse module's output
-    gen = torch.Generator(device=dev).manual_seed(3)
-    hooks = []
-
-    def add_noise():
-        for _, m in sparse_modules(model):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out: out * (1 + 1e-3 * torch.randn(
-                    out.shape, generator=gen, device=out.device, dtype=torch.float32)
-                ).to(out.dtype)))
-
-    def rm_noise():
-        for h in hooks:
-            h.remove()
-        hooks.clear()
-    results["noise_1e-3"] = compare("reference + 1e-3 noise", run("noise", "never", add_noise,
-                                                                  rm_noise), ref)
-
-    # kernel path without grouping (q/k/v and gate/up separately)
-    orig_refresh, orig_grouped = M.InputGroup.refresh, decode.grouped_linear
-
-    def sep(x, ws, bs, ts):
-        return [decode.linear(x, w, b, t) for w, b, t in zip(ws, bs, ts)]
-
-    def nogroup():
-        def refresh(self):
-            self.usable = False
-        M.InputGroup.refresh = refresh
-        decode.grouped_linear = sep
-
-    def regroup():
-        M.InputGroup.refresh, decode.grouped_linear = orig_refresh, orig_grouped
-    results["kernel_nogroup"] = compare("kernel path, no grouping", run(
-        "ng", a.mode, nogroup, regroup), ref)
-
+    ref = run("never")
+    results["ref_again"] = compare("ref again (determinism)", run("never"), ref)
+    results["kernel"] = compare("kernel path", run(a.mode), ref)
+    results["kernel_again"] = compare("kernel path again", run(a.mode), ref)
+    # the kernels' weight layout, reference math on decode steps
+    results["layout_only"] = compare("layout only", run(a.mode, keep_layout_reference=True),
+                                     ref)
+    results["noise_1e-3"] = compare("reference + 1e-3 noise", run(
+        "never", perturbed_outputs(model, 1e-3, normal=True, seed=3)), ref)
+    results["kernel_nogroup"] = compare("kernel path, no grouping", run(a.mode, _no_groups()),
+                                        ref)
     from triton_kernels import _accumulator, _common
     results["kernel_tempacc"] = compare("kernel path, temporary accumulators", run(
-        "ta", a.mode, lambda: setattr(_accumulator, "ENABLED", False),
-        lambda: setattr(_accumulator, "ENABLED", True)), ref)
+        a.mode, _patched(_accumulator, "ENABLED", False)), ref)
     print(f"[{time.perf_counter() - t0:.0f}s] tuned: "
           f"{[(k, str(v)) for k, v in _common._TUNED.items()]}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), **results}, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

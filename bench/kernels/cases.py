@@ -25,9 +25,11 @@ ATTN = {"llama3-8b": (4096, 1024), "mistral-7b": (4096, 1024), "qwen2.5-7b": (35
 OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
-# input_sparse with one accumulator switch flipped: a temporary zeroed accumulator per call
-# instead of the persistent one; the opt-in in-kernel finish (one launch per call).
-AB_OPS = ("input_sparse_tempacc", "input_sparse_fusedfinish")
+# input_sparse with one switch of triton_kernels._accumulator flipped: a temporary zeroed
+# accumulator per call instead of the persistent one; the opt-in in-kernel finish.
+AB_FLAGS = {"input_sparse_tempacc": ("ENABLED", False),
+            "input_sparse_fusedfinish": ("FUSED_FINISH", True)}
+AB_OPS = tuple(AB_FLAGS)
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
 # about 8x the output rounding of each dtype.
@@ -172,10 +174,9 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
 def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if case.op == "input_sparse":
         return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
-    if case.op in AB_OPS:  # the same op with one accumulator switch flipped
+    if case.op in AB_FLAGS:
         from triton_kernels import _accumulator
-        flag, value = (("ENABLED", False) if case.op == "input_sparse_tempacc"
-                       else ("FUSED_FINISH", True))
+        flag, value = AB_FLAGS[case.op]
         saved = getattr(_accumulator, flag)
         setattr(_accumulator, flag, value)
         try:
