@@ -9,6 +9,7 @@ key is (op, batch, shape, dtype, device): a new sparsity value never re-tunes.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BATCH_PER_LAUNCH = 16
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: SPARSEFFN_PDL=1: launch the input-sparse GEMV and its finishing kernel with programmatic
+#: dependent launch (Hopper and later), so that each may be scheduled while the kernel before it
+#: drains; both wait (``gdc_wait``) for that kernel to complete before their first memory access.
+#: Off by default until measured end to end (docs/kernels.md).
+PDL = os.environ.get("SPARSEFFN_PDL", "0") == "1"
 
 #: Sparsities every tuning candidate is timed at (union sparsity of the rows loaded).
 TUNE_SPARSITIES = (0.0, 0.5, 0.9)
@@ -54,6 +61,19 @@ def kernels_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and not INTERPRET
     return device.type == "cpu" and INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether launches on ``device`` use programmatic dependent launch (see ``PDL``)."""
+    if not PDL or device.type != "cuda" or INTERPRET:
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _capability(index)[0] >= 9
 
 
 def require_kernels(device: torch.device) -> None:

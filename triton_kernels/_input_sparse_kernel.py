@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _accumulator
-from ._common import LaunchConfig, upcast_dot
+from ._common import LaunchConfig, pdl_launch, upcast_dot
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -83,7 +83,14 @@ def _input_sparse_kernel(
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ATOMIC: tl.constexpr, GROUPS: tl.constexpr, FUSED_FINISH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # Launched early (programmatic dependent launch): touch no memory before the previous
+        # kernel, which may have written x or may still read a buffer reused here, completes.
+        # Then let the next kernel (our finish, or the next GEMV) be scheduled.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     # Grouped launch: GROUPS weights sharing x, each with its own threshold; column blocks
@@ -172,8 +179,11 @@ def _input_sparse_kernel(
 
 
 @triton.jit
-def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = acc (cast to out's dtype) and acc = 0, over ``numel`` contiguous elements."""
+    if PDL:  # the GEMV's sums are complete and visible only after it has completed
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = tl.load(acc_ptr + offs, mask=ok, other=0.0)
@@ -230,6 +240,8 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     # that no placeholder tensor is allocated per call.
     thr_ts = [t if t is not None else x for t in thrs]
     mask_t = mask.view(torch.uint8) if mask is not None else x
+    pdl = pdl_launch(x.device)
+    launch = {"launch_pdl": True} if pdl else {}  # the interpreter knows no such option
     pad = MAX_GROUPS - groups
     w_ts, thr_ts, widths = w_ts + [w_ts[0]] * pad, thr_ts + [thr_ts[0]] * pad, widths + [0] * pad
     extra = []
@@ -248,7 +260,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            FUSED_FINISH=tickets is not None, num_warps=cfg.num_warps,
+            FUSED_FINISH=tickets is not None, PDL=pdl, num_warps=cfg.num_warps, **launch,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
@@ -258,7 +270,8 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
         raise
     if atomic and tickets is None:
         _finish_kernel[(triton.cdiv(B * N, FINISH_BLOCK),)](target, out, B * N,
-                                                             BLOCK=FINISH_BLOCK)
+                                                             BLOCK=FINISH_BLOCK, PDL=pdl,
+                                                             **launch)
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:

@@ -8,8 +8,10 @@ union of its sequences' active rows; the sweep reports that union as measured.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +27,14 @@ ATTN = {"llama3-8b": (4096, 1024), "mistral-7b": (4096, 1024), "qwen2.5-7b": (35
 OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
-# input_sparse with one switch of triton_kernels._accumulator flipped: a temporary zeroed
-# accumulator per call instead of the persistent one; the opt-in in-kernel finish.
-AB_FLAGS = {"input_sparse_tempacc": ("ENABLED", False),
-            "input_sparse_fusedfinish": ("FUSED_FINISH", True)}
+# input_sparse with switches of triton_kernels flipped (module, attribute, value): a temporary
+# zeroed accumulator per call instead of the persistent one; the opt-in in-kernel finish; the
+# opt-in programmatic dependent launch, alone and with the in-kernel finish.
+AB_FLAGS = {"input_sparse_tempacc": [("_accumulator", "ENABLED", False)],
+            "input_sparse_fusedfinish": [("_accumulator", "FUSED_FINISH", True)],
+            "input_sparse_pdl": [("_common", "PDL", True)],
+            "input_sparse_pdl_fusedfinish": [("_common", "PDL", True),
+                                             ("_accumulator", "FUSED_FINISH", True)]}
 AB_OPS = tuple(AB_FLAGS)
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
@@ -171,18 +177,26 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
     return Point(x, None, mask, mask.any(0).float().mean().item())
 
 
+@contextlib.contextmanager
+def switched(flips: list[tuple[str, str, object]]) -> Iterator[None]:
+    """Set ``triton_kernels.<module>.<name> = value`` for each flip, restoring them after."""
+    mods = [(importlib.import_module(f"triton_kernels.{m}"), a, v) for m, a, v in flips]
+    saved = [getattr(m, a) for m, a, _ in mods]
+    for m, a, v in mods:
+        setattr(m, a, v)
+    try:
+        yield
+    finally:
+        for (m, a, _), old in zip(mods, saved):
+            setattr(m, a, old)
+
+
 def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if case.op == "input_sparse":
         return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
     if case.op in AB_FLAGS:
-        from triton_kernels import _accumulator
-        flag, value = AB_FLAGS[case.op]
-        saved = getattr(_accumulator, flag)
-        setattr(_accumulator, flag, value)
-        try:
+        with switched(AB_FLAGS[case.op]):
             return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
-        finally:
-            setattr(_accumulator, flag, saved)
     if case.op.endswith("_grouped"):
         return tk.input_sparse_gemv_grouped(p.x, list(w), [p.threshold] * len(w))
     if case.op.endswith("_separate"):

@@ -9,6 +9,8 @@ import torch
 
 from kernel_testlib import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound, nan_like,
                             rows_with_tokens, weight)
+from bench.kernels.anatomy import VARIANTS
+from bench.kernels.cases import switched
 from triton_kernels import LaunchConfig, input_sparse_gemv_ref
 from triton_kernels.input_sparse import _triton_impl
 
@@ -95,20 +97,26 @@ def test_all_inactive_gives_zeros(device):
     assert torch.equal(y, torch.zeros_like(y))
 
 
+#: Launch variants (programmatic dependent launch exists on the GPU only) and their switches.
+CPU_VARIANTS = ["default", "fusedfinish"]
+
+
 def _race_params() -> list:
-    """Every batch 1..8 and both directions on the GPU; two cheap cases under the interpreter."""
+    """Every batch 1..8, both directions and every launch variant on the GPU; two cheap cases
+    of the interpreter's variants on the CPU."""
     out = []
     for dev in devices():
         cuda = dev.values[0] == "cuda"
         shapes = [(4096, 14336), (14336, 4096)] if cuda else [(431, 63)]
+        variants = list(VARIANTS) if cuda else CPU_VARIANTS
         for B in (range(1, 9) if cuda else (1, 4)):
-            out += [pytest.param(dev.values[0], B, K, N, id=f"{dev.id}-B{B}-{K}x{N}",
-                                 marks=dev.marks) for K, N in shapes]
+            out += [pytest.param(dev.values[0], B, K, N, v, id=f"{dev.id}-B{B}-{K}x{N}-{v}",
+                                 marks=dev.marks) for K, N in shapes for v in variants]
     return out
 
 
-@pytest.mark.parametrize("device,B,K,N", _race_params())
-def test_split_repeated_calls_race_free(device, B, K, N):
+@pytest.mark.parametrize("device,B,K,N,variant", _race_params())
+def test_split_repeated_calls_race_free(device, B, K, N, variant):
     """Many back-to-back launches that split K all match the reference (CUDA: real shapes).
     A single-kernel variant whose K ranges met through atomics and a last-program ticket passed
     single calls but gave wrong sums now and then over 30 calls at batch 3-4 (docs/kernels.md):
@@ -120,10 +128,49 @@ def test_split_repeated_calls_race_free(device, B, K, N):
     thr = torch.zeros((), device=device)
     ref = x.double() @ w_t.double()
     bound = gemv_bound(ref, x.double().abs() @ w_t.double().abs(), torch.float16)
-    outs = [_triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), torch.float16, device))
-            for _ in range(calls)]
+    with switched(VARIANTS[variant]):
+        outs = [_triton_impl(x, w_t, thr, config=cfg,
+                             out=nan_like((B, N), torch.float16, device)) for _ in range(calls)]
     for i, y in enumerate(outs):
         assert_within(y, ref, bound, f"call {i}")
+
+
+def _chain_params() -> list:
+    out = []
+    for dev in devices():
+        cuda = dev.values[0] == "cuda"
+        out += [pytest.param(dev.values[0], B, v, id=f"{dev.id}-B{B}-{v}", marks=dev.marks)
+                for B in (1, 4) for v in (VARIANTS if cuda else CPU_VARIANTS)]
+    return out
+
+
+@pytest.mark.parametrize("device,batch,variant", _chain_params())
+def test_chained_calls_read_the_previous_output(device, batch, variant):
+    """Each call's x is the previous call's y, issued back to back with no host sync. Under
+    programmatic dependent launch a GEMV may be scheduled while the kernel that writes its x
+    still runs; it must wait for it (a stale x fails the bound against the reference computed
+    from the y actually written)."""
+    K = 4096 if device == "cuda" else 200
+    cfg = None if device == "cuda" else LaunchConfig(16, 64, 64)
+    w_t = weight(K, K, torch.float32, device) * 1.1  # keeps |x| about constant over the chain
+    thr = torch.full((), 0.3, device=device)
+    xs = [torch.randn(batch, K, device=device)]
+    with switched(VARIANTS[variant]):
+        for _ in range(20 if device == "cuda" else 3):
+            xs.append(_triton_impl(xs[-1], w_t, thr, config=cfg,
+                                   out=nan_like((batch, K), torch.float32, device)))
+    for i in range(1, len(xs)):
+        xa = torch.where(xs[i - 1].double().abs() > 0.3, xs[i - 1].double(), 0.0)
+        ref = xa @ w_t.double()
+        assert_within(xs[i], ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), torch.float32),
+                      f"call {i}")
+
+
+def test_pdl_is_never_used_off_the_gpu(monkeypatch):
+    """The switch alone does not make CPU (interpreter) launches programmatic."""
+    from triton_kernels import _common
+    monkeypatch.setattr(_common, "PDL", True)
+    assert not _common.pdl_launch(torch.device("cpu"))
 
 
 def test_reference_equals_dense_at_zero_sparsity():

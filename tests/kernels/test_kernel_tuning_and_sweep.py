@@ -69,12 +69,35 @@ def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
     assert rc == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    # 4 grouped cases + the 2 A/B cases in 2 directions, x 2 sparsities
-    assert len(rows) == 16
+    # (4 grouped cases + the A/B cases in 2 directions) x 2 sparsities
+    assert len(rows) == (4 + 2 * len(cs.AB_OPS)) * 2
     assert {r["op"] for r in rows} >= set(cs.AB_OPS)
     assert all(r["correct"] == "True" and r["speedup"] for r in rows)
     q, kv = cs.ATTN["tiny"]
     assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
+
+
+def test_anatomy_smoke_cpu(tmp_path):
+    """The fixed-cost anatomy runs every launch variant, checks each against the reference and
+    fits its line (host timing on the CPU: the numbers mean nothing, the plumbing is tested)."""
+    import json
+
+    from bench.kernels import anatomy
+
+    out = tmp_path / "anatomy.json"
+    assert anatomy.main(["--device", "cpu", "--shapes", "96x160", "--dtype", "fp16",
+                         "--sparsities", "0,0.5,0.9", "--replays", "1", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    for variant in anatomy.VARIANTS:
+        assert row[variant]["correct"], variant
+        assert {"nothing_active_us", "fixed_us", "rate_tbps", "speedup_at_0.9"} <= set(row[variant])
+    assert set(row["fixed_us_allowed_by_target"]) == {"0.0", "0.5", "0.9"}
+
+
+def test_fit_line_recovers_a_line():
+    from bench.kernels.anatomy import fit_line
+    a, b = fit_line([1.0, 2.0, 4.0], [7.0 + 0.5 * x for x in (1.0, 2.0, 4.0)])
+    assert abs(a - 7.0) < 1e-12 and abs(b - 0.5) < 1e-12
 
 
 def test_report_targets_with_a_partial_sparsity_grid():
