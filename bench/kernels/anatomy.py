@@ -48,7 +48,6 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def _empty_kernel():
     import triton
-    import triton.language as tl
 
     @triton.jit
     def empty(ptr):
@@ -98,14 +97,15 @@ def measure_shape(K: int, N: int, dtype: torch.dtype, sparsities: list[float],
                 xs.append(cs.needed_bytes(case, 1, dtype, p.active_fraction))
                 ys.append(us)
             fixed, slope = fit_line(xs, ys)
-            v.update(fixed_us=fixed, rate_tbps=1e-6 / slope if slope else float("inf"),  # us/B -> TB/s
+            # slope in us per byte: 1e-6 / slope is TB/s
+            v.update(fixed_us=fixed, rate_tbps=1e-6 / slope if slope else float("inf"),
                      max_rel_err=max(errs), correct=max(errs) <= cs.REL_TOL[dtype])
         out[variant] = v
     dense_bytes = cs.needed_bytes(case, 1, dtype, None)
     rate = out["default"]["rate_tbps"] * 1e12
     # Target at sparsity s: fixed + (1 - s) * bytes / rate <= dense / target.
-    out["fixed_us_allowed_by_target"] = {
-        str(s): out["dense_us"] / t - (1 - s) * dense_bytes / rate * 1e6 for s, t in TARGETS.items()}
+    out["fixed_us_allowed_by_target"] = {str(s): out["dense_us"] / t - (1 - s) * dense_bytes
+                                         / rate * 1e6 for s, t in TARGETS.items()}
     out["dense_bound_us"] = dense_bytes / read_bw * 1e6
     return out
 
