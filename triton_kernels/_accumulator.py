@@ -31,46 +31,40 @@ import torch
 #: SPARSEFFN_PERSISTENT_ACC=0 turns the persistent buffers off (a temporary zeroed buffer and a
 #: cast per call, the earlier scheme): for A/B benchmarks of the two.
 ENABLED = os.environ.get("SPARSEFFN_PERSISTENT_ACC", "1") != "0"
-#: SPARSEFFN_FUSED_FINISH=1: the last program of each column block converts the sums and zeroes
-#: them (and its ticket) inside the GEMV, so a call is one launch. Off by default until it has
-#: passed the GPU race test at batch > 1 (see ``_input_sparse_kernel``).
-FUSED_FINISH = os.environ.get("SPARSEFFN_FUSED_FINISH", "0") == "1"
 
-_BUFFERS: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+_BUFFERS: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def persistent(numel: int, device: torch.device,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """The zeroed buffer of ``numel`` elements for ``device`` (fp32 sums; int32 for the tickets
-    of the in-kernel finish), or None where there is none and none may be made now (persistent
-    buffers off, or a CUDA graph being captured)."""
+def persistent(numel: int, device: torch.device) -> torch.Tensor | None:
+    """The zeroed fp32 buffer of ``numel`` elements for ``device``, or None where there is none
+    and none may be made now (persistent buffers off, or a CUDA graph being captured)."""
     if not ENABLED:
         return None
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), numel, dtype)
+    key = (str(device), numel)
     buf = _BUFFERS.get(key)
     if buf is not None or _capturing(device):
         return buf
-    buf = _zeros_outside_pools(numel, device, dtype)
+    buf = _zeros_outside_pools(numel, device)
     _BUFFERS[key] = buf
     return buf
 
 
-def _zeros_outside_pools(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros [numel], on CUDA allocated and zeroed by another thread (see module doc)."""
+def _zeros_outside_pools(numel: int, device: torch.device) -> torch.Tensor:
+    """fp32 zeros [numel], on CUDA allocated and zeroed by another thread (see module doc)."""
     if device.type != "cuda":
-        return torch.zeros(numel, dtype=dtype, device=device)
+        return torch.zeros(numel, device=device)
     box: dict = {}
 
     def work() -> None:
         try:
             with torch.cuda.device(device):
-                box["buf"] = torch.zeros(numel, dtype=dtype, device=device)
+                box["buf"] = torch.zeros(numel, device=device)
                 torch.cuda.synchronize(device)  # zeroed before any stream of the caller uses it
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             box["err"] = err
@@ -83,6 +77,6 @@ def _zeros_outside_pools(numel: int, device: torch.device, dtype: torch.dtype) -
     return box["buf"]
 
 
-def allocated() -> dict[tuple[str, int, torch.dtype], int]:
-    """(device, elements, dtype) -> bytes of every persistent buffer (memory reports, tests)."""
+def allocated() -> dict[tuple[str, int], int]:
+    """(device, elements) -> bytes of every persistent buffer (memory reports, tests)."""
     return {key: buf.numel() * buf.element_size() for key, buf in _BUFFERS.items()}

@@ -21,11 +21,13 @@ last-program logic and no ordering hazard. The fp32 order of the adds varies bet
 may differ in its last bit between identical calls. Against a second kernel summing
 [K ranges, B, N] partials in a fixed order the atomic sums were 3-12% faster at sparsity 0 and
 5-21% at 0.5 (H100, 2026-11-23).
-Opt-in one-launch variant, ``_accumulator.FUSED_FINISH`` (SPARSEFFN_FUSED_FINISH=1, off by
-default): the program that takes the last ticket of its column block does the finishing in the
-GEMV itself. A ticketed version that read the sums with plain loads was intermittently wrong at
-batch 3-4 on the H100 (docs/kernels.md); this one reads them by atomic exchange, in L2, and
-stays off until it has passed the GPU race tests.
+The in-kernel alternative, where the program taking the last ticket of its column block converts
+and zeroes the sums (read by atomic exchange), was correct on the H200 but slower: 7.95 against
+5.12 us with nothing active, 10.2 against 8.1 us of fitted fixed cost, 4096 -> 14336 bf16
+(docs/kernels.md, "Fixed cost"); the ticket's fenced atomic and the exchanges are serial L2 round
+trips, longer than the finishing launch they save. It was removed.
+Opt-in (SPARSEFFN_PDL=1, ``_common.PDL``): programmatic dependent launch of the GEMV and its
+finish (Hopper and later). Each kernel waits for the previous one before touching memory.
 """
 from __future__ import annotations
 
@@ -79,11 +81,10 @@ def _input_sparse_kernel(
     stride_ob,
     w2_ptr, thr2_ptr, N2, stride_wk2, stride_tb2, stride_tk2,
     w3_ptr, thr3_ptr, N3, stride_wk3, stride_tb3, stride_tk3,
-    NB1, NB2, y_ptr, ticket_ptr, stride_yb,
+    NB1, NB2,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, FUSED_FINISH: tl.constexpr,
-    PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         # Launched early (programmatic dependent launch): touch no memory before the previous
@@ -158,22 +159,6 @@ def _input_sparse_kernel(
     out_ok = b_ok[:, None] & n_ok[None, :]
     if ATOMIC:  # one of several K ranges: add into the zeroed fp32 accumulator
         tl.atomic_add(out_ptrs, res, mask=out_ok, sem="relaxed")
-        if FUSED_FINISH:
-            # Every thread's adds are issued before the block's one ticket (acq_rel, gpu
-            # scope); the program that takes the last ticket of its column block reads the sums
-            # and zeroes them with atomic exchanges, which are performed in L2, where the adds
-            # went, so no stale L1 line can be read; then it resets the ticket.
-            tl.debug_barrier()
-            done = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
-            if done == tl.num_programs(1) - 1:
-                # as int32 bits: the interpreter exchanges integers only
-                bits = tl.atomic_xchg(out_ptrs.to(tl.pointer_type(tl.int32)),
-                                      tl.zeros_like(res).to(tl.int32), mask=out_ok,
-                                      sem="acquire")
-                tot = bits.to(tl.float32, bitcast=True)
-                y_ptrs = y_ptr + offs_b[:, None] * stride_yb + col0 + offs_n[None, :]
-                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_ok)
-                tl.atomic_xchg(ticket_ptr + pid_n, 0)
     else:
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_ok)
 
@@ -224,13 +209,10 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     blocks = [triton.cdiv(n, cfg.cols) for n in widths]
     grid = (sum(blocks), triton.cdiv(K, span))
     atomic = grid[1] > 1
-    tickets = None
     if not atomic:
         target, acc = out, None
     else:
         acc = _accumulator.persistent(B * N, x.device)
-        if acc is not None and _accumulator.FUSED_FINISH:
-            tickets = _accumulator.persistent(grid[0], x.device, torch.int32)
         # No persistent buffer (turned off, or first seen during a graph capture): a temporary
         # zeroed one; _finish_kernel zeroes it again for nothing, at no extra launch.
         target = (acc if acc is not None
@@ -255,20 +237,17 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             x.stride(0), x.stride(1), w_ts[0].stride(0), thr_ts[0].stride(0),
             thr_ts[0].stride(1), mask_t.stride(0), mask_t.stride(1),
             target.stride(0),
-            *extra, blocks[0], sum(blocks[:2]), out, tickets if tickets is not None else idx,
-            out.stride(0),
+            *extra, blocks[0], sum(blocks[:2]),
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            FUSED_FINISH=tickets is not None, PDL=pdl, num_warps=cfg.num_warps, **launch,
+            PDL=pdl, num_warps=cfg.num_warps, **launch,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
             acc.zero_()
-        if tickets is not None:
-            tickets.zero_()
         raise
-    if atomic and tickets is None:
+    if atomic:
         _finish_kernel[(triton.cdiv(B * N, FINISH_BLOCK),)](target, out, B * N,
                                                              BLOCK=FINISH_BLOCK, PDL=pdl,
                                                              **launch)

@@ -2,8 +2,8 @@
 
     python -m bench.kernels.anatomy --json docs/results/anatomy_h200.json
 
-For each shape and each launch variant (the default; the in-kernel finish; programmatic
-dependent launch; both), in one run on one GPU and with the sweep's timing (CUDA graphs over
+For each shape and each launch variant (the default; a temporary accumulator per call;
+programmatic dependent launch), in one run on one GPU and with the sweep's timing (CUDA graphs over
 enough weight copies to defeat the L2, medians):
 
 - ``launch_floor``: an empty Triton kernel per call, i.e. what one graph node costs;
@@ -31,9 +31,9 @@ import triton_kernels as tk
 from . import cases as cs
 from .sweep import DTYPES, bandwidths, n_copies, time_calls
 
-#: Launch variants: the default and the sweep's A/B switches other than the temporary buffers.
+#: Launch variants: the default and each A/B switch of the sweep.
 VARIANTS = {"default": [], **{op.removeprefix("input_sparse_"): flips
-                              for op, flips in cs.AB_FLAGS.items() if op != "input_sparse_tempacc"}}
+                              for op, flips in cs.AB_FLAGS.items()}}
 TARGETS = {0.0: 1.0, 0.5: 1.8, 0.9: 5.0}
 
 

@@ -28,13 +28,10 @@ OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
 # input_sparse with switches of triton_kernels flipped (module, attribute, value): a temporary
-# zeroed accumulator per call instead of the persistent one; the opt-in in-kernel finish; the
-# opt-in programmatic dependent launch, alone and with the in-kernel finish.
+# zeroed accumulator per call instead of the persistent one; the opt-in programmatic dependent
+# launch.
 AB_FLAGS = {"input_sparse_tempacc": [("_accumulator", "ENABLED", False)],
-            "input_sparse_fusedfinish": [("_accumulator", "FUSED_FINISH", True)],
-            "input_sparse_pdl": [("_common", "PDL", True)],
-            "input_sparse_pdl_fusedfinish": [("_common", "PDL", True),
-                                             ("_accumulator", "FUSED_FINISH", True)]}
+            "input_sparse_pdl": [("_common", "PDL", True)]}
 AB_OPS = tuple(AB_FLAGS)
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:

@@ -97,8 +97,9 @@ def test_all_inactive_gives_zeros(device):
     assert torch.equal(y, torch.zeros_like(y))
 
 
-#: Launch variants (programmatic dependent launch exists on the GPU only) and their switches.
-CPU_VARIANTS = ["default", "fusedfinish"]
+#: Launch variants (bench.kernels.anatomy.VARIANTS) run under the interpreter; programmatic
+#: dependent launch exists on the GPU only, and the interpreter launches plainly.
+CPU_VARIANTS = ["default", "tempacc"]
 
 
 def _race_params() -> list:
@@ -205,37 +206,6 @@ def test_persistent_accumulator_is_zero_after_each_call(device, monkeypatch):
     assert _accumulator.allocated() == {}, "buffers off: none may be made"
     assert_within(y_temp, ref, gemv_bound(ref, x.double().abs() @ w_t.double().abs(), dtype),
                   "temporary")
-
-
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("batch", [1, 3, 8])
-def test_fused_finish_is_exact_and_leaves_sums_and_tickets_zeroed(device, batch, monkeypatch):
-    """SPARSEFFN_FUSED_FINISH: the last program of each column block writes y and zeroes its
-    sums and ticket in the GEMV itself. Repeated calls on fresh inputs must stay within the
-    bound (a stale sum or ticket would break the next call), single and grouped."""
-    from triton_kernels import _accumulator
-    from triton_kernels.input_sparse import _grouped_triton_impl
-
-    monkeypatch.setattr(_accumulator, "FUSED_FINISH", True)
-    dtype, K, N = torch.bfloat16, 431, 63
-    cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)  # 4 K ranges on the CPU
-    w_t, w2 = weight(K, N, dtype, device), weight(K, 2 * N + 1, dtype, device)
-    for i in range(3 if device == "cpu" else 30):
-        x = torch.randn(batch, K, device=device).to(dtype)
-        thr = torch.full((), 0.5 * (i % 2), device=device)
-        xa = torch.where(x.double().abs() > thr.double(), x.double(), 0.0)
-        for ws in ([w_t], [w_t, w2]):
-            if len(ws) == 1:
-                y = _triton_impl(x, w_t, thr, config=cfg, out=nan_like((batch, N), dtype, device))
-            else:
-                y = _grouped_triton_impl(x, ws, [thr, thr], config=cfg,
-                                         out=nan_like((batch, 3 * N + 1), dtype, device))
-            wd = torch.cat([w.double() for w in ws], 1)
-            ref = xa @ wd
-            assert_within(y, ref, gemv_bound(ref, xa.abs() @ wd.abs(), dtype), f"call {i}")
-            assert all(torch.count_nonzero(b) == 0 for b in _accumulator._BUFFERS.values()), \
-                "sums or tickets left dirty"
-    assert any(k[2] == torch.int32 for k in _accumulator.allocated()), "tickets never used"
 
 
 def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):

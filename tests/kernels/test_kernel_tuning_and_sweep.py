@@ -57,8 +57,8 @@ def test_sweep_smoke_cpu(tmp_path):
 
 def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
     """The grouped q/k/v and gate/up cases, their separate-call twins and the A/B cases
-    (temporary accumulators, in-kernel finish) run through the sweep and check correct against
-    the reference."""
+    (temporary accumulators, programmatic dependent launch) run through the sweep and check
+    correct against the reference."""
     from bench.kernels import cases as cs, sweep
 
     out = tmp_path / "sweep.csv"
