@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     print(meta)
     print(report(rows))
-    if args.json:
+    if args.json:  # with the launch configs the tuner chose, which the times depend on
+        tuning = [{"key": [str(k) for k in e["key"]], "chosen": str(e["chosen"])}
+                  for e in tk.tuning_log()]
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "tuning": tuning}, f, indent=1)
     return 0
 
 
