@@ -1,4 +1,5 @@
-"""Command line: ``sparseffn calibrate | eval | demo | finetune | bench e2e | bench check``.
+"""Command line: ``sparseffn calibrate | eval | demo | finetune | bench e2e | bench check |
+bench kernels | bench anatomy``.
 
 Every command works offline on the built-in model (``--model builtin``, the default) and
 built-in text; ``--model`` also takes any local Hugging Face folder or hub name.
@@ -187,18 +188,41 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(logits, greedy tokens, every module; a GPU)")
     check_parser(check)
     check.set_defaults(func=cmd_bench_check)
+    # The kernel benchmarks keep their own argument parsers; their arguments pass through.
+    for name, module, what in (
+            ("kernels", "bench.kernels.sweep", "kernel sweep: copy bandwidth, dense cuBLAS and "
+                                                "our ops over real shapes, CSV + plot (a GPU)"),
+            ("anatomy", "bench.kernels.anatomy", "fixed cost and streaming rate of one "
+                                                 "input-sparse GEMV call per launch variant "
+                                                 "(a GPU)")):
+        k = bench.add_parser(name, help=what, add_help=False,
+                             description=f"{what}; `sparseffn bench {name} --help` lists its "
+                                         "options")
+        k.set_defaults(func=_forward(module), forward=True)
     return parser
+
+
+def _forward(module: str):
+    """Run ``module.main(argv)`` with the arguments the subcommand did not parse itself."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return importlib.import_module(module).main(args.rest)
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sparseffn.errors import SparseFFNError
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "forward", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
-        args.func(args)
+        rc = args.func(args)
     except SparseFFNError as exc:
         print(f"sparseffn: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

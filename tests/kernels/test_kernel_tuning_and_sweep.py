@@ -96,6 +96,22 @@ def test_anatomy_smoke_cpu(tmp_path):
     assert set(row["fixed_us_allowed_by_target"]) == {"0.0", "0.5", "0.9"}
 
 
+def test_cli_forwards_to_the_kernel_benchmarks(tmp_path):
+    """`sparseffn bench anatomy ...` runs the anatomy with the arguments as given (and its exit
+    code); other commands still reject arguments they do not know."""
+    import json
+
+    from sparseffn.cli import main
+
+    out = tmp_path / "a.json"
+    assert main(["bench", "anatomy", "--device", "cpu", "--shapes", "64x96", "--dtype", "fp32",
+                 "--sparsities", "0,0.5", "--replays", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["K"] == 64
+    assert main(["bench", "anatomy", "--device", "meta"]) == 2  # no kernels there: refused
+    with pytest.raises(SystemExit):
+        main(["eval", "--no-such-option"])
+
+
 def test_fit_line_recovers_a_line():
     from bench.kernels.anatomy import fit_line
     a, b = fit_line([1.0, 2.0, 4.0], [7.0 + 0.5 * x for x in (1.0, 2.0, 4.0)])
