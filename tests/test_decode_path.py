@@ -248,3 +248,35 @@ def test_grouped_decode_step_compiles_whole():
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
     assert attn.q_proj.group.x is None
+
+
+TWO_GPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+               "model.layers.1": 1, "model.norm": 1, "lm_head": 0}  # lm_head tied to embed
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("method,scope,funcs", [("teal", "all", {"linear", "grouped_linear"}),
+                                               ("chess", "mlp", {"gated_act", "down_nonzero"})])
+def test_device_map_over_two_gpus_takes_the_kernel_path_per_device(method, scope, funcs,
+                                                                   monkeypatch):
+    """A model dispatched over two GPUs (accelerate): each layer's patched modules run the
+    kernels on the GPU that holds the layer, and the logits are the reference path's."""
+    from accelerate import dispatch_model
+
+    ref = dispatch_model(tiny_model("llama"), device_map=TWO_GPU_MAP)
+    sparseffn.sparsify(ref, method, 0.5, IDS, scope=scope, kernel_mode="never", **CALIB)
+    kern = dispatch_model(tiny_model("llama"), device_map=TWO_GPU_MAP)
+    install(kern, sparseffn.get_calibration(ref), kernel_mode="always")
+    assert kern.model.layers[1].mlp.base.down_proj.weight.device == torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 1000, (2, 9), generator=g).to("cuda:0")
+    cont = torch.randint(3, 1000, (2, 4), generator=g).to("cuda:0")
+    expected = decode_logits(ref, prompt, cont)
+    calls = spy(monkeypatch)
+    got = decode_logits(kern, prompt, cont)
+    assert all(calls[name] > 0 for name in funcs), f"the kernel path did not run: {calls}"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        a = ref.generate(prompt, max_new_tokens=6, do_sample=False)
+        b = kern.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)

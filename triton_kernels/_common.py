@@ -76,6 +76,24 @@ def pdl_launch(device: torch.device) -> bool:
     return _capability(index)[0] >= 9
 
 
+def on_input_device(fn: Callable) -> Callable:
+    """Run ``fn(x, ...)`` with ``x``'s CUDA device current.
+
+    Triton compiles for, and launches on, the *current* device, not the tensors' device. In a
+    model spread over GPUs with ``device_map`` (accelerate), a layer on cuda:1 is called while
+    cuda:0 is current; without this guard its kernels would run on cuda:0 with cuda:1
+    pointers (an error, or silently wrong results where peer access allows the reads). The
+    tuner's graph capture and timing run inside the guard too.
+    """
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return run
+
+
 def require_kernels(device: torch.device) -> None:
     """Raise a RuntimeError naming the fix when the Triton kernels cannot run on ``device``."""
     if not kernels_available(device):

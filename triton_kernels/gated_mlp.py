@@ -96,6 +96,7 @@ def sparse_gate_up_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     return torch.where(active, g * r(xf @ w_up.float().t()), 0.0).to(x.dtype)
 
 
+@C.on_input_device
 def _gate_up_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                     threshold: Optional[torch.Tensor] = None,
                     mask: Optional[torch.Tensor] = None, activation: str = "silu",
@@ -119,6 +120,7 @@ def _gate_up_triton(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return h
 
 
+@C.on_input_device
 def _triton_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, activation: str = "silu",

@@ -66,6 +66,7 @@ def input_sparse_gemv_ref(x: torch.Tensor, w_t: torch.Tensor,
     return (xa @ w_t.float()).to(x.dtype)
 
 
+@C.on_input_device
 def _triton_impl(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None,
                  config: Optional[C.LaunchConfig] = None,
@@ -170,6 +171,7 @@ def input_sparse_gemv_grouped_ref(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
     return torch.cat([input_sparse_gemv_ref(x, w, t) for w, t in zip(w_ts, thresholds)], 1)
 
 
+@C.on_input_device
 def _grouped_triton_impl(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
                          thresholds: Sequence[torch.Tensor],
                          config: Optional[C.LaunchConfig] = None,

@@ -41,6 +41,7 @@ def output_sparse_gemv_ref(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor)
     return torch.where(mask, y, 0.0).to(x.dtype)
 
 
+@C.on_input_device
 def _triton_impl(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
                  config: Optional[C.LaunchConfig] = None,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -173,3 +173,44 @@ def test_gate_up_then_down_is_the_fused_mlp(criterion):
 def test_kernels_available():
     assert tk.kernels_available("meta") is False
     assert tk.kernels_available("cpu") == (tk.HAS_TRITON and tk.INTERPRET)
+
+
+def test_ops_run_with_the_input_device_current(monkeypatch):
+    """Triton launches on the current device: every op entry makes x's CUDA device current
+    (a model spread over GPUs calls layers on cuda:1 while cuda:0 is current). Checked on the
+    CPU with a fake CUDA tensor and a recording device switch."""
+    from triton_kernels import _common
+
+    seen = []
+
+    class FakeX:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    class Switch:
+        def __init__(self, device):
+            seen.append(("enter", device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            seen.append(("exit",))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    body = _common.on_input_device(lambda x, y: seen.append(("body", y)) or y)
+    assert body(FakeX(), 7) == 7
+    assert seen == [("enter", torch.device("cuda", 1)), ("body", 7), ("exit",)]
+    seen.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # already current: no switch
+    assert body(FakeX(), 8) == 8 and seen == [("body", 8)]
+    cpu = torch.zeros(1)
+    seen.clear()
+    assert body(cpu, 9) == 9 and seen == [("body", 9)]
+    import triton_kernels.gated_mlp as g
+    import triton_kernels.input_sparse as i
+    import triton_kernels.output_sparse as o
+    for fn in (i._triton_impl, i._grouped_triton_impl, o._triton_impl, g._triton_impl,
+               g._gate_up_triton):
+        assert fn.__wrapped__ is not None, f"{fn.__name__} lacks the device guard"
