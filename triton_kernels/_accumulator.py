@@ -58,13 +58,13 @@ def persistent(numel: int, device: torch.device) -> torch.Tensor | None:
 def _zeros_outside_pools(numel: int, device: torch.device) -> torch.Tensor:
     """fp32 zeros [numel], on CUDA allocated and zeroed by another thread (see module doc)."""
     if device.type != "cuda":
-        return torch.zeros(numel, device=device)
+        return torch.zeros(numel, dtype=torch.float32, device=device)
     box: dict = {}
 
     def work() -> None:
         try:
             with torch.cuda.device(device):
-                box["buf"] = torch.zeros(numel, device=device)
+                box["buf"] = torch.zeros(numel, dtype=torch.float32, device=device)
                 torch.cuda.synchronize(device)  # zeroed before any stream of the caller uses it
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             box["err"] = err

@@ -20,6 +20,7 @@ import json
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
+from unittest import mock
 
 import torch
 
@@ -82,16 +83,6 @@ def compare(name, res, ref):
 
 
 @contextmanager
-def _patched(obj, name: str, value) -> Iterator[None]:
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
-
-
-@contextmanager
 def _no_groups() -> Iterator[None]:
     """q/k/v and gate/up computed by separate launches."""
     def separate(x, ws, bs, ts):
@@ -99,8 +90,8 @@ def _no_groups() -> Iterator[None]:
 
     def never_usable(group):
         group.usable = False
-    with _patched(M.InputGroup, "refresh", never_usable), \
-            _patched(decode, "grouped_linear", separate):
+    with mock.patch.object(M.InputGroup, "refresh", never_usable), \
+            mock.patch.object(decode, "grouped_linear", separate):
         yield
 
 
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         ref)
     from triton_kernels import _accumulator, _common
     results["kernel_tempacc"] = compare("kernel path, temporary accumulators", run(
-        a.mode, _patched(_accumulator, "ENABLED", False)), ref)
+        a.mode, mock.patch.object(_accumulator, "ENABLED", False)), ref)
     print(f"[{time.perf_counter() - t0:.0f}s] tuned: "
           f"{[(k, str(v)) for k, v in _common._TUNED.items()]}", flush=True)
     if a.json:

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -177,15 +178,11 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
 @contextlib.contextmanager
 def switched(flips: list[tuple[str, str, object]]) -> Iterator[None]:
     """Set ``triton_kernels.<module>.<name> = value`` for each flip, restoring them after."""
-    mods = [(importlib.import_module(f"triton_kernels.{m}"), a, v) for m, a, v in flips]
-    saved = [getattr(m, a) for m, a, _ in mods]
-    for m, a, v in mods:
-        setattr(m, a, v)
-    try:
+    with contextlib.ExitStack() as stack:
+        for m, a, v in flips:
+            stack.enter_context(mock.patch.object(importlib.import_module(f"triton_kernels.{m}"),
+                                                  a, v))
         yield
-    finally:
-        for (m, a, _), old in zip(mods, saved):
-            setattr(m, a, old)
 
 
 def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tensor:
