@@ -5,8 +5,11 @@ from torch.profiler, averaged over the calls; under Nsight Compute, the calls af
 are the ones to capture:
 
     python scripts/profile_gemv.py --shape 4096x14336 --sparsity 0.9
-    ncu --kernel-name regex:_input_sparse_kernel --launch-skip 40 --launch-count 1 --set full \\
+    ncu --profile-from-start off --clock-control none --set full --launch-count 2 \\
         python scripts/profile_gemv.py --shape 4096x14336 --sparsity 0.9 --no-torch-profile
+
+(with ``--no-torch-profile`` the profiler range, cudaProfilerStart to Stop, holds only the timed
+calls, not the compilation and tuning before them). ``--sparsity 1`` makes nothing active.
 
 Each call reads another copy of the weight, so no call finds its weights in L2, as in a model.
 """
@@ -51,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             tk.input_sparse_gemv(p.x, w_ts[i % len(w_ts)], threshold=p.threshold)
         torch.cuda.synchronize()
 
+    chosen = [str(e["chosen"]) for e in tk.tuning_log()]
+    print(f"launch config: {chosen[-1] if chosen else 'untuned default'}")
     if args.no_torch_profile:
+        torch.cuda.profiler.start()
         calls()
+        torch.cuda.profiler.stop()
         return 0
     from torch.profiler import ProfilerActivity, profile
 
