@@ -172,8 +172,8 @@ class LaunchConfig:
     ``rows``: weight rows per tile (rows of the dim that is skipped); ``cols``: contiguous
     elements per row per tile; ``span``: input-sparse only, the rows of K one program owns and
     compacts to its active ones (several K ranges add their fp32 partials atomically);
-    ``prefetch``: output-sparse and gate/up only, load the next tile before multiplying the
-    current one (two tiles in flight per program, at twice the registers).
+    ``prefetch``: load the next tile before multiplying the current one (two tiles in flight
+    per program, at twice the registers).
     """
 
     rows: int

@@ -40,6 +40,9 @@ import triton.language as tl
 from . import _accumulator
 from ._common import LaunchConfig, pdl_launch, upcast_dot
 
+#: Whether the batch-1 tuning candidates include the prefetching tiles (off: for A/B runs).
+PREFETCH_CANDIDATES = True
+
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
 
@@ -84,7 +87,7 @@ def _input_sparse_kernel(
     NB1, NB2,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     if PDL:
         # Launched early (programmatic dependent launch): touch no memory before the previous
@@ -134,15 +137,24 @@ def _input_sparse_kernel(
     r = tl.arange(0, ROWS)
     # .cg: read the indices from L2, where this program's stores went, never from a stale L1 line.
     k_idx = tl.load(idx_ptr + base + r, mask=r < count, other=0, cache_modifier=".cg")
+    if PREFETCH:  # the first tile's weights, before the loop
+        w_next = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
+                         mask=(r < count)[:, None] & n_ok[None, :], other=0.0)
     for j in range(0, count, ROWS):
         r_ok = (j + r) < count
-        w = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if PREFETCH:
+            w = w_next
+        else:
+            w = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         x_r, on_r = _activity(x_ptr, thr_ptr, mask_ptr, k_idx, offs_b,
                               r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
                               stride_tk, stride_mb, stride_mk, MODE)
         k_idx = tl.load(idx_ptr + base + j + ROWS + r, mask=(j + ROWS + r) < count, other=0,
                         cache_modifier=".cg")
+        if PREFETCH:  # the next tile's weights are in flight while this one is summed
+            w_next = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
+                             mask=((j + ROWS + r) < count)[:, None] & n_ok[None, :], other=0.0)
         xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
         if BLOCK_B == 1:
             acc += tl.sum(xa.to(tl.float32) * w.to(tl.float32), axis=0)
@@ -241,7 +253,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            PDL=pdl, num_warps=cfg.num_warps, **launch,
+            PDL=pdl, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **launch,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
@@ -264,16 +276,20 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
     if batch == 1:
         tiles = [(16, 1024, 4, 6), (16, 1024, 4, 3), (16, 1024, 4, 12), (8, 1024, 4, 6),
                  (8, 1024, 4, 12), (16, 512, 2, 6), (16, 512, 2, 12), (16, 2048, 8, 3)]
+        # The same tiles with the next tile's weights loaded while one is summed (Nsight
+        # Compute, H200: without it a program waits on one weight tile at a time).
+        tiles += PREFETCH_CANDIDATES * [t + (True,) for t in [(8, 1024, 4, 6), (8, 1024, 4, 12),
+                                                              (16, 1024, 4, 6), (8, 512, 2, 12)]]
     else:
         tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
                  (16, 128, 4, 6)]
     out: list[LaunchConfig] = []
-    for rows, cols, warps, per_sm in tiles:
+    for rows, cols, warps, per_sm, *prefetch in tiles:
         cols = min(cols, max(16, triton.next_power_of_2(N)))
         n_blocks = triton.cdiv(N, cols)
         want = triton.cdiv(K * n_blocks, per_sm * n_sm)  # rows per program
         span = max(rows, min(1024, triton.next_power_of_2(want)))
-        cfg = LaunchConfig(rows, cols, span, warps)
+        cfg = LaunchConfig(rows, cols, span, warps, bool(prefetch))
         if cfg not in out:
             out.append(cfg)
     return out

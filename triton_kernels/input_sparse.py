@@ -106,6 +106,7 @@ def _launch_chunks(x: torch.Tensor, w_ts: list[torch.Tensor], mode: int,
 def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.LaunchConfig:
     """Launch config for this weight (or group of weights) and batch, tuned once per (batch, K,
     widths, dtype, device)."""
+    from . import _input_sparse_kernel as kern
     from ._input_sparse_kernel import MODE_MASK, candidates, launch_input_sparse
 
     w_ts = [w_t] if isinstance(w_t, torch.Tensor) else list(w_t)
@@ -113,7 +114,7 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.Lau
     widths = tuple(w.shape[1] for w in w_ts)
     N = sum(widths)
     dev, dtype = w_ts[0].device, w_ts[0].dtype
-    key = ("input_sparse", batch, K, widths, dtype, str(dev))
+    key = ("input_sparse", batch, K, widths, dtype, str(dev), kern.PREFETCH_CANDIDATES)
 
     def make_bench(sparsity: float):
         x = torch.randn(batch, K, device=dev, dtype=dtype)

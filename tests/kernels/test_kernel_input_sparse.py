@@ -18,8 +18,8 @@ from triton_kernels.input_sparse import _triton_impl
 CPU_CASES = [
     ("scalar", (63, 431), LaunchConfig(16, 128, 64)),  # one K range: direct store
     ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges meeting through fp32 atomics
-    ("token", (1023, 97), LaunchConfig(32, 64, 256)),
-    ("mask", (4097, 33), LaunchConfig(16, 32, 1024)),  # last K range holds one row
+    ("token", (1023, 97), LaunchConfig(32, 64, 256, prefetch=True)),  # next tile in flight
+    ("mask", (4097, 33), LaunchConfig(16, 32, 1024, prefetch=True)),  # last range: one row
 ]
 CUDA_CASES = [
     ("scalar", (4096, 14336), None),
