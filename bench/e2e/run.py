@@ -21,6 +21,7 @@ import time
 import torch
 
 import sparseffn
+import triton_kernels
 from bench.e2e import harness as H
 from bench.e2e.check import check_kernel_path
 from bench.e2e.shapes import build_model, step_bytes
@@ -164,6 +165,10 @@ def run(args) -> list[dict]:
         torch._dynamo.reset()
         sparseffn.clear_decode_loops(model)
         if args.json:
+            # The launch config the tuner chose per (op, batch, shape): near-equal candidates
+            # can swap between processes, which moves a point by a few percent.
+            extras["tuning"] = [{"key": [str(k) for k in e["key"]], "chosen": str(e["chosen"])}
+                                for e in triton_kernels.tuning_log()]
             with open(args.json, "w") as f:
                 json.dump(extras, f, indent=1)
     return rows
@@ -205,7 +210,8 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["harness"], r["batch"], r["prompt"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    # At least 7 in wide: the title (shape, device, versions) must fit over a single panel.
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 5 * len(panels)), 4), squeeze=False)
     for ax, (harness, b, p) in zip(axes[0], panels):
         sel = [r for r in rows if (r["harness"], r["batch"], r["prompt"]) == (harness, b, p)
                and r["method"] != "dense"]
