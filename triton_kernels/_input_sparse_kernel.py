@@ -8,10 +8,11 @@ decides which of its rows any sequence needs and writes their indices, compacted
 scratch area (Triton has no register scatter); then its tile loop runs over active rows only, so
 the number of iterations (not just the bytes) shrinks with sparsity. The next tile's row indices
 are loaded before the current tile is multiplied, so a program waits for one memory round trip
-per tile, as a dense loop does. The first measured version tested activity per tile inside the
-loop: its x load -> mask -> weight load chain made every tile two round trips, and at 0.9
-sparsity it still took 51% of its own dense time (29.9 vs 58.6 us, fp16 4096 -> 14336, H100,
-2026-11-23).
+per tile, as a dense loop does; the prefetching configs also load the next tile's weights then,
+so that two tiles are in flight (the tuner picks them where they pay). The first measured
+version tested activity per tile inside the loop: its x load -> mask -> weight load chain made
+every tile two round trips, and at 0.9 sparsity it still took 51% of its own dense time (29.9
+vs 58.6 us, fp16 4096 -> 14336, H100, 2026-11-23).
 With several K ranges, each program adds its fp32 partial into a zeroed fp32 [B, N] accumulator
 (``tl.atomic_add``, relaxed), and ``_finish_kernel`` then writes y from it in y's dtype and
 zeroes it again, so the persistent accumulator of ``_accumulator`` is ready for the next call
