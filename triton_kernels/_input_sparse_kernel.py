@@ -72,6 +72,23 @@ def _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, ok, stride_xb, stride_xk
 
 
 @triton.jit
+def _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb, stride_xk,
+                 stride_tb, stride_tk, stride_mb, stride_mk, MODE: tl.constexpr):
+    """int32 [R]: 1 where any sequence needs row offs_k [R] (rows >= K: 0)."""
+    _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
+                      (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
+                      stride_tk, stride_mb, stride_mk, MODE)
+    return (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
+
+
+@triton.jit
+def _load_rows(w_ptr, k_idx, stride_wk, offs_n, r_ok, n_ok):
+    """Weight tile [R, BLOCK_N] of rows k_idx [R]; rows with r_ok False load nothing."""
+    return tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
+                   mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _group_select(pid_n, NB1, NB2, a1, a2, a3, GROUPS: tl.constexpr):
     """a1, a2 or a3 for the group of column block pid_n (blocks [0, NB1), [NB1, NB2), rest)."""
     v = a1
@@ -125,10 +142,8 @@ def _input_sparse_kernel(
     r = tl.arange(0, ROWS)
     if FIRST_IN_REGS:  # one chunk (SPAN == CHUNK): its running count stays in registers
         offs_k = pid_s * SPAN + tl.arange(0, CHUNK)
-        _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
-                          (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk,
-                          stride_tb, stride_tk, stride_mb, stride_mk, MODE)
-        row_on = (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
+        row_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb,
+                              stride_xk, stride_tb, stride_tk, stride_mb, stride_mk, MODE)
         csum = tl.cumsum(row_on, axis=0)
         tl.store(idx_ptr + base + csum - 1, offs_k, mask=row_on != 0)
         count = tl.sum(row_on, axis=0)
@@ -140,10 +155,8 @@ def _input_sparse_kernel(
         count = 0
         for c0 in range(0, SPAN, CHUNK):
             offs_k = pid_s * SPAN + c0 + tl.arange(0, CHUNK)
-            _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
-                              (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk,
-                              stride_tb, stride_tk, stride_mb, stride_mk, MODE)
-            row_on = (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
+            row_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb,
+                                  stride_xk, stride_tb, stride_tk, stride_mb, stride_mk, MODE)
             tl.store(idx_ptr + base + count + tl.cumsum(row_on, axis=0) - 1, offs_k,
                      mask=row_on != 0)
             count += tl.sum(row_on, axis=0)
@@ -160,8 +173,7 @@ def _input_sparse_kernel(
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     if PREFETCH:  # the first tile's weights, before the loop
-        w_next = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
-                         mask=(r < count)[:, None] & n_ok[None, :], other=0.0)
+        w_next = _load_rows(w_ptr, k_idx, stride_wk, offs_n, r < count, n_ok)
     if FIRST_IN_REGS:
         tl.debug_barrier()  # the later tiles' indices are read back from the stores above
     for j in range(0, count, ROWS):
@@ -169,16 +181,14 @@ def _input_sparse_kernel(
         if PREFETCH:
             w = w_next
         else:
-            w = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = _load_rows(w_ptr, k_idx, stride_wk, offs_n, r_ok, n_ok)
         x_r, on_r = _activity(x_ptr, thr_ptr, mask_ptr, k_idx, offs_b,
                               r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
                               stride_tk, stride_mb, stride_mk, MODE)
         k_idx = tl.load(idx_ptr + base + j + ROWS + r, mask=(j + ROWS + r) < count, other=0,
                         cache_modifier=".cg")
         if PREFETCH:  # the next tile's weights are in flight while this one is summed
-            w_next = tl.load(w_ptr + k_idx[:, None] * stride_wk + offs_n[None, :],
-                             mask=((j + ROWS + r) < count)[:, None] & n_ok[None, :], other=0.0)
+            w_next = _load_rows(w_ptr, k_idx, stride_wk, offs_n, (j + ROWS + r) < count, n_ok)
         xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
         if BLOCK_B == 1:
             acc += tl.sum(xa.to(tl.float32) * w.to(tl.float32), axis=0)
@@ -303,8 +313,9 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
                  (8, 1024, 4, 12), (16, 512, 2, 6), (16, 512, 2, 12), (16, 2048, 8, 3)]
         # The same tiles with the next tile's weights loaded while one is summed (Nsight
         # Compute, H200: without it a program waits on one weight tile at a time).
-        tiles += PREFETCH_CANDIDATES * [t + (True,) for t in [(8, 1024, 4, 6), (8, 1024, 4, 12),
-                                                              (16, 1024, 4, 6), (8, 512, 2, 12)]]
+        if PREFETCH_CANDIDATES:
+            tiles += [t + (True,) for t in [(8, 1024, 4, 6), (8, 1024, 4, 12), (16, 1024, 4, 6),
+                                            (8, 512, 2, 12)]]
     else:
         tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
                  (16, 128, 4, 6)]

@@ -107,7 +107,6 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.Lau
     """Launch config for this weight (or group of weights) and batch, tuned once per (batch, K,
     widths, dtype, device)."""
     from . import _input_sparse_kernel as kern
-    from ._input_sparse_kernel import MODE_MASK, candidates, launch_input_sparse
 
     w_ts = [w_t] if isinstance(w_t, torch.Tensor) else list(w_t)
     K = w_ts[0].shape[0]
@@ -121,9 +120,9 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.Lau
         x = torch.randn(batch, K, device=dev, dtype=dtype)
         m = C.row_pattern(K, sparsity, dev).expand(batch, K)
         out = torch.empty(batch, N, device=dev, dtype=dtype)
-        return lambda cfg: launch_input_sparse(x, w_ts, MODE_MASK, None, m, out, cfg)
+        return lambda cfg: kern.launch_input_sparse(x, w_ts, kern.MODE_MASK, None, m, out, cfg)
 
-    cands = candidates(batch, K, N, C.sm_count(dev))
+    cands = kern.candidates(batch, K, N, C.sm_count(dev))
     return C.tuned_config(key, cands, make_bench, dev)
 
 
