@@ -61,29 +61,23 @@ def decode_rate(model: nn.Module, harness: str, batch: int, prompt: int, new_tok
 
 
 CATEGORIES = (("sparse kernels", ("_input_sparse_kernel", "_gate_up_kernel",
-                                  "_output_sparse_kernel")),
+                                  "_output_sparse_kernel", "_finish_kernel")),
               ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
               ("dense GEMM/GEMV", ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas")))
 
 
-def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
-                  harness: str = "lean") -> dict:
-    """One profiled decode of ``steps`` + 1 tokens through ``harness`` (after a warm-up run):
-    GPU time per step by category in microseconds, the wall time per step, and host calls
-    per step (CUDA-graph replays against single kernel launches: a step that replays one
-    graph launches nothing else; many launches mean the graph was skipped or split)."""
+def _profiled(model: nn.Module, harness: str, ids: torch.Tensor, tokens: int
+              ) -> tuple[dict[str, tuple[float, int]], dict[str, int], float]:
+    """One profiled greedy decode of ``tokens`` tokens after ``ids``: device time (us) and
+    count per kernel name, host launch calls, and the wall time in seconds."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = prompt_ids(model, batch, prompt)
-    run_decode(model, harness, ids, steps + 1)
-    _sync("cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        run_decode(model, harness, ids, steps + 1)
+        run_decode(model, harness, ids, tokens)
         _sync("cuda")
         wall = time.perf_counter() - t0
-    out = {name: 0.0 for name, _ in CATEGORIES}
-    out["other"] = 0.0
+    kernels: dict[str, tuple[float, int]] = {}
     launches = {"graph_launches": 0, "kernel_launches": 0}
     for evt in prof.key_averages():
         key = evt.key.lower()
@@ -94,15 +88,50 @@ def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
         if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CPU:
             continue
         t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0)
-        if t <= 0:
-            continue
-        cat = next((name for name, pats in CATEGORIES if any(p in key for p in pats)), "other")
-        out[cat] += t
-    # The prefill is profiled too; it is one forward of `prompt` tokens, averaged in.
-    result = {k: v / (steps + 1) for k, v in {**out, **launches}.items()}
-    result["wall_per_step_us"] = wall * 1e6 / (steps + 1)
-    result["harness"] = harness
-    return result
+        if t > 0:
+            kernels[evt.key] = (t, evt.count)
+    return kernels, launches, wall
+
+
+def category(kernel_name: str) -> str:
+    """The profile category of a kernel name (CATEGORIES, else "other")."""
+    key = kernel_name.lower()
+    return next((name for name, pats in CATEGORIES if any(p in key for p in pats)), "other")
+
+
+def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
+                  harness: str = "lean", top: int = 25) -> dict:
+    """GPU time of one decode step by category and by kernel, in microseconds.
+
+    Two profiled runs after a warm-up: the prefill and first token alone, and the same with
+    ``steps`` more tokens; their difference over ``steps`` is one decode step without the
+    prefill. Also the wall time per step and host calls per step (CUDA-graph replays against
+    single kernel launches: a step that replays one graph launches nothing else; many
+    launches mean the graph was skipped or split). ``kernels``: the ``top`` kernels by time
+    per step, with their launches per step."""
+    ids = prompt_ids(model, batch, prompt)
+    run_decode(model, harness, ids, steps + 1)
+    run_decode(model, harness, ids, 1)
+    _sync("cuda")
+    k_full, l_full, w_full = _profiled(model, harness, ids, steps + 1)
+    k_pre, l_pre, w_pre = _profiled(model, harness, ids, 1)
+    per_step: dict[str, tuple[float, float]] = {}
+    for name, (t, n) in k_full.items():
+        t0, n0 = k_pre.get(name, (0.0, 0))
+        per_step[name] = ((t - t0) / steps, (n - n0) / steps)
+    out = {name: 0.0 for name, _ in CATEGORIES}
+    out["other"] = 0.0
+    for name, (t, _) in per_step.items():
+        out[category(name)] += t
+    for key in l_full:
+        out[key] = (l_full[key] - l_pre[key]) / steps
+    out["gpu_per_step_us"] = sum(t for t, _ in per_step.values())
+    out["wall_per_step_us"] = (w_full - w_pre) * 1e6 / steps
+    out["harness"] = harness
+    ranked = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:top]
+    out["kernels"] = [{"name": name[:120], "category": category(name), "us": round(t, 2),
+                       "launches": round(n, 2)} for name, (t, n) in ranked]
+    return out
 
 
 @torch.no_grad()

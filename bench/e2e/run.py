@@ -132,6 +132,7 @@ def run(args) -> list[dict]:
         for harness in args.harnesses:
             extras["profiles"][f"dense/{harness}"] = H.profile_steps(model, 1, args.prompts[0],
                                                                     harness=harness)
+            print_profile(f"dense/{harness}", extras["profiles"][f"dense/{harness}"])
     for spec in args.methods:
         method, _, scope = spec.partition(":")
         scope = scope or "mlp"
@@ -155,8 +156,7 @@ def run(args) -> list[dict]:
                 for harness in args.harnesses:
                     extras["profiles"][f"{spec}/{harness}"] = H.profile_steps(
                         model, 1, args.prompts[0], harness=harness)
-                    print(f"profile {spec}/{harness}: {extras['profiles'][f'{spec}/{harness}']}",
-                          flush=True)
+                    print_profile(f"{spec}/{harness}", extras["profiles"][f"{spec}/{harness}"])
             if args.check and device.startswith("cuda"):
                 key = f"{spec}@{target}"
                 extras["checks"][key] = check_kernel_path(model)
@@ -192,6 +192,15 @@ class _Rows(list):
         if self.path:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
+
+
+def print_profile(label: str, prof: dict) -> None:
+    """The categories of one decode-step profile, then its top kernels."""
+    cats = ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if isinstance(v, float))
+    print(f"profile {label} (us per decode step): {cats}", flush=True)
+    for k in prof["kernels"]:
+        print(f"  {k['us']:8.2f} us {k['launches']:6.2f}x  [{k['category']}] {k['name']}",
+              flush=True)
 
 
 def _fmt(r: dict) -> str:
