@@ -44,11 +44,6 @@ from ._common import LaunchConfig, pdl_launch, upcast_dot
 #: Whether the batch-1 tuning candidates include the prefetching tiles (off: for A/B runs).
 PREFETCH_CANDIDATES = True
 
-#: Opt-in experiment (A/B case ``input_sparse_regfirst``): where a program's K range is one
-#: compaction chunk (span <= 128), take the first tile's row indices from registers instead of
-#: reloading them from the scratch stores. Off until measured on a GPU.
-FIRST_TILE_IN_REGISTERS = False
-
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
 
@@ -111,7 +106,6 @@ def _input_sparse_kernel(
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    FIRST_IN_REGS: tl.constexpr,
 ):
     if PDL:
         # Launched early (programmatic dependent launch): touch no memory before the previous
@@ -140,30 +134,18 @@ def _input_sparse_kernel(
     #    chunks of at most 128 rows so that the [chunk, BLOCK_B] activity stays in registers.
     base = (pid_s * tl.num_programs(0) + pid_n) * SPAN
     r = tl.arange(0, ROWS)
-    if FIRST_IN_REGS:  # one chunk (SPAN == CHUNK): its running count stays in registers
-        offs_k = pid_s * SPAN + tl.arange(0, CHUNK)
+    count = 0
+    for c0 in range(0, SPAN, CHUNK):
+        offs_k = pid_s * SPAN + c0 + tl.arange(0, CHUNK)
         row_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb,
                               stride_xk, stride_tb, stride_tk, stride_mb, stride_mk, MODE)
-        csum = tl.cumsum(row_on, axis=0)
-        tl.store(idx_ptr + base + csum - 1, offs_k, mask=row_on != 0)
-        count = tl.sum(row_on, axis=0)
-        # The t-th active row (from 0) comes after exactly the rows whose running count is
-        # <= t, so the first tile's indices need no store and reload: its weight loads do not
-        # wait for an L2 round trip.
-        k_idx = pid_s * SPAN + tl.sum((csum[None, :] <= r[:, None]).to(tl.int32), axis=1)
-    else:
-        count = 0
-        for c0 in range(0, SPAN, CHUNK):
-            offs_k = pid_s * SPAN + c0 + tl.arange(0, CHUNK)
-            row_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb,
-                                  stride_xk, stride_tb, stride_tk, stride_mb, stride_mk, MODE)
-            tl.store(idx_ptr + base + count + tl.cumsum(row_on, axis=0) - 1, offs_k,
-                     mask=row_on != 0)
-            count += tl.sum(row_on, axis=0)
-        tl.debug_barrier()  # the stores above are read back by other threads of this program
-        # .cg: read the indices from L2, where this program's stores went, never from a stale
-        # L1 line.
-        k_idx = tl.load(idx_ptr + base + r, mask=r < count, other=0, cache_modifier=".cg")
+        tl.store(idx_ptr + base + count + tl.cumsum(row_on, axis=0) - 1, offs_k,
+                 mask=row_on != 0)
+        count += tl.sum(row_on, axis=0)
+    tl.debug_barrier()  # the stores above are read back by other threads of this program
+    # .cg: read the indices from L2, where this program's stores went, never from a stale
+    # L1 line.
+    k_idx = tl.load(idx_ptr + base + r, mask=r < count, other=0, cache_modifier=".cg")
     # 2. Loop over active rows only, ROWS at a time.
     # Batch 1 reduces each tile over its rows at once: with BLOCK_N = 256 * num_warps every
     # thread owns whole columns of the tile, so the sum stays inside the thread and the
@@ -174,8 +156,6 @@ def _input_sparse_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     if PREFETCH:  # the first tile's weights, before the loop
         w_next = _load_rows(w_ptr, k_idx, stride_wk, offs_n, r < count, n_ok)
-    if FIRST_IN_REGS:
-        tl.debug_barrier()  # the later tiles' indices are read back from the stores above
     for j in range(0, count, ROWS):
         r_ok = (j + r) < count
         if PREFETCH:
@@ -287,7 +267,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            PDL=pdl, PREFETCH=cfg.prefetch, FIRST_IN_REGS=FIRST_TILE_IN_REGISTERS and span <= 128,
+            PDL=pdl, PREFETCH=cfg.prefetch,
             num_warps=cfg.num_warps, **launch,
         )
     except BaseException:

@@ -113,8 +113,7 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> C.Lau
     widths = tuple(w.shape[1] for w in w_ts)
     N = sum(widths)
     dev, dtype = w_ts[0].device, w_ts[0].dtype
-    key = ("input_sparse", batch, K, widths, dtype, str(dev), kern.PREFETCH_CANDIDATES,
-           kern.FIRST_TILE_IN_REGISTERS)
+    key = ("input_sparse", batch, K, widths, dtype, str(dev), kern.PREFETCH_CANDIDATES)
 
     def make_bench(sparsity: float):
         x = torch.randn(batch, K, device=dev, dtype=dtype)

@@ -30,11 +30,10 @@ OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
 # input_sparse with switches of triton_kernels flipped (module, attribute, value): a temporary
 # zeroed accumulator per call instead of the persistent one; the opt-in programmatic dependent
-# launch; tuning without the prefetching tiles; the opt-in first tile's indices in registers.
+# launch; tuning without the prefetching tiles.
 AB_FLAGS = {"input_sparse_tempacc": [("_accumulator", "ENABLED", False)],
             "input_sparse_pdl": [("_common", "PDL", True)],
-            "input_sparse_noprefetch": [("_input_sparse_kernel", "PREFETCH_CANDIDATES", False)],
-            "input_sparse_regfirst": [("_input_sparse_kernel", "FIRST_TILE_IN_REGISTERS", True)]}
+            "input_sparse_noprefetch": [("_input_sparse_kernel", "PREFETCH_CANDIDATES", False)]}
 AB_OPS = tuple(AB_FLAGS)
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:

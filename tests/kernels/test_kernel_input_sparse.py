@@ -75,32 +75,6 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", [0, 1, 3], ids=["scalar", "channel", "mask"])
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_first_tile_indices_from_registers(device, case, prefetch, sparsity, batch):
-    """The opt-in FIRST_TILE_IN_REGISTERS path (span <= 128: one compaction chunk) against the
-    reference: a wrong rank -> row mapping loads the wrong first rows and fails the bound."""
-    kind, (K, N), _ = CPU_CASES[case]
-    if device == "cuda":
-        K, N = {0: (4096, 14336), 1: (4097, 1023), 3: (14336, 4096)}[case]
-    span = 64 if case == 0 else 128
-    cfg = LaunchConfig(8, 64 if device == "cpu" else 1024, span, 4, prefetch)
-    dtype = torch.bfloat16
-    x = make_x(batch, K, dtype, device, kind)
-    w_t = weight(K, N, dtype, device)
-    thr, mask = make_criterion(x, kind, sparsity)
-    active = x.float().abs() > thr if thr is not None else mask
-    with switched([("_input_sparse_kernel", "FIRST_TILE_IN_REGISTERS", True)]):
-        y = _triton_impl(x, w_t, thr, mask, config=cfg, out=nan_like((batch, N), dtype, device))
-    xa = torch.where(active, x.double(), 0.0)
-    ref = xa @ w_t.double()
-    assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype),
-                  f"{kind} K={K} N={N} span={span}")
-
-
-@pytest.mark.parametrize("device", devices())
 def test_batch_beyond_one_launch(device):
     """B = 17 > MAX_BATCH_PER_LAUNCH runs in chunks and is still exact per sequence."""
     dtype, B, K, N = torch.float16, 17, 97, 63
@@ -125,7 +99,7 @@ def test_all_inactive_gives_zeros(device):
 
 #: Launch variants (bench.kernels.anatomy.VARIANTS) run under the interpreter; programmatic
 #: dependent launch exists on the GPU only, and the interpreter launches plainly.
-CPU_VARIANTS = ["default", "tempacc", "regfirst"]
+CPU_VARIANTS = ["default", "tempacc"]
 
 
 def _race_params() -> list:
