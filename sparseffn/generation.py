@@ -83,7 +83,9 @@ def _choose(logits: torch.Tensor, greedy: torch.Tensor | None, do_sample: bool,
     """Next tokens [B] from logits [B, V]: argmax (``greedy`` [B] where the step computed it),
     or temperature -> top-k -> top-p sampling."""
     if not do_sample:
-        return greedy if greedy is not None else logits.argmax(dim=-1)
+        # The step's outputs live in CUDA-graph buffers that its next replay overwrites, and
+        # the token is that replay's input: a copy, not a view.
+        return greedy.clone() if greedy is not None else logits.argmax(dim=-1)
     scores = logits.float() / temperature
     if top_k > 0:
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
