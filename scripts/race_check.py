@@ -12,7 +12,8 @@ import torch
 
 from bench.kernels import cases as cs
 from bench.kernels.anatomy import VARIANTS
-from triton_kernels.input_sparse import _triton_impl
+from triton_kernels._common import LaunchConfig
+from triton_kernels.input_sparse import _triton_impl, pick_config
 
 
 def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: str) -> int:
@@ -24,6 +25,7 @@ def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: 
         for _ in range(calls):
             out = torch.full((batch, K), float("nan"), device="cuda", dtype=dtype)
             xs.append(_triton_impl(xs[-1], w_t, thr, out=out))
+        cfg = pick_config(w_t, batch)  # tuned by the first call: a lookup
     bad = 0
     for i in range(1, len(xs)):
         xa = torch.where(xs[i - 1].double().abs() > 0.3, xs[i - 1].double(), 0.0)
@@ -32,8 +34,32 @@ def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: 
         # fp32 accumulation over the active terms
         bound = (torch.finfo(dtype).eps * ref.abs() + 2.0**-16 * (xa.abs() @ w_t.double().abs())
                  + 2.0**-24)
-        bad += int(((xs[i].double() - ref).abs() > bound).any() | xs[i].isnan().any())
+        off = ((xs[i].double() - ref).abs() > bound) | xs[i].isnan()
+        if off.any():
+            bad += 1
+            _describe(xs[i].double(), ref, xa, w_t.double(), off, cfg)
     return bad
+
+
+def _describe(y: torch.Tensor, ref: torch.Tensor, xa: torch.Tensor, w: torch.Tensor,
+              off: torch.Tensor, cfg: LaunchConfig) -> None:
+    """Which sequences and columns are off, and whether the error is one K range's partial
+    sum missing or added twice (K ranges of the tuned config's span)."""
+    span = cfg.span or w.shape[0]
+    diff = y - ref
+    rows, cols = off.nonzero(as_tuple=True)
+    print(f"  off: {int(off.sum())} elements, NaN {int(y.isnan().sum())}, sequences "
+          f"{sorted(set(rows.tolist()))}, columns {int(cols.min())}..{int(cols.max())}, "
+          f"config {cfg}", flush=True)
+    best = []
+    for k0 in range(0, w.shape[0], span):
+        part = xa[:, k0:k0 + span] @ w[k0:k0 + span]
+        for sign, what in ((-1.0, "missing"), (1.0, "doubled")):
+            res = (diff - sign * part)[off].abs().mean().item()
+            best.append((res, k0, what))
+    best.sort()
+    print(f"  mean |err| on them {diff[off].abs().mean().item():.3g}; best single-range "
+          f"explanations (residual, k0, kind): {best[:3]}", flush=True)
 
 
 def main() -> None:
@@ -41,10 +67,14 @@ def main() -> None:
     p.add_argument("--chains", type=int, default=50)
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--K", type=int, default=4096)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--dtypes", default="fp32,bf16")
     args = p.parse_args()
-    for variant in VARIANTS:
-        for batch in (1, 4):
-            for dtype in (torch.float32, torch.bfloat16):
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for variant in args.variants.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for dtype in (dtypes[d] for d in args.dtypes.split(",")):
                 bad = sum(chain_failures(batch, dtype, args.K, args.calls, variant)
                           for _ in range(args.chains))
                 print(f"{variant:10s} B={batch} {str(dtype):15s} {bad} of "

@@ -108,3 +108,15 @@ def test_sensitivity_tool_separates_kernel_faults_from_noise():
         assert res[name]["max_abs_logit_diff_over_std"] < 1e-4, name
     assert res["noise_1e-3"]["max_abs_logit_diff_over_std"] > 1e-3
     assert len(res["kernel"]["hidden_rel_step0_by_layer"]) == 3  # embeddings + 2 layers
+
+
+def test_profile_categories_of_kernel_names():
+    """Our kernels, cuBLAS, attention and inductor's fused kernels land in their categories;
+    an inductor kernel named after the ops it fused is not GEMV or attention time."""
+    from bench.e2e.harness import category
+    assert category("_input_sparse_kernel") == "sparse kernels"
+    assert category("_finish_kernel") == "sparse kernels"
+    assert category("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "dense GEMM/GEMV"
+    assert category("cudnn_generated_fort_native_sdpa_sm80_flash_fprop") == "attention"
+    assert category("triton_red_fused__to_copy_add_input_sparse_gemv_grouped_mean_14") == "other"
+    assert category("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_3") == "other"
