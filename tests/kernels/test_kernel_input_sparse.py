@@ -236,3 +236,30 @@ def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
     with pytest.raises(RuntimeError, match="launch failed"):
         _triton_impl(x, w_t, torch.zeros((), device=device), config=LaunchConfig(16, 64, 128))
     assert torch.count_nonzero(buf) == 0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("batch", [1, 4])
+def test_input_equal_to_its_threshold_is_inactive(device, batch):
+    """The test is strict and in fp32: |x| == t is inactive and the next float above t is
+    active, at every position of a tile. (A reference thresholding fp32 x against the
+    literal 0.3 instead of fp32(0.3) = 0.3000000119 counted x == fp32(0.3) as active: the
+    chained-call test's rare fp32 failures on the GPU.)"""
+    K, N = 200, 63
+    t = torch.tensor(0.3, device=device)
+    above = torch.nextafter(t, torch.tensor(1.0, device=device))
+    x = torch.randn(batch, K, device=device)
+    x[:, 0::3] = t  # exactly the threshold: inactive
+    x[:, 1::3] = -above  # just above it in magnitude: active
+    w_t = weight(K, N, torch.float32, device)
+    y = _triton_impl(x, w_t, t, config=LaunchConfig(16, 64, 64) if device == "cpu" else None,
+                     out=nan_like((batch, N), torch.float32, device))
+    on = x.abs() > t
+    assert not on[:, 0::3].any() and on[:, 1::3].all()
+    xa = torch.where(on, x.double(), 0.0)
+    ref = xa @ w_t.double()
+    assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), torch.float32),
+                  "x on the threshold")
+    # and the literal-0.3 reference would have differed: the test can tell the two apart
+    literal = torch.where(x.double().abs() > 0.3, x.double(), 0.0) @ w_t.double()
+    assert (literal - ref).abs().max() > 1e-3
