@@ -131,8 +131,8 @@ def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
     for key in l_full:
         out[key] = (l_full[key] - l_pre[key]) / steps
     out["gpu_per_step_us"] = sum(t for t, _ in per_step.values())
-    # (No wall time: under the profiler a difference of two wall times varied by +-80% of the
-    # GPU time between runs; tokens/s comes from the unprofiled timing.)
+    # (No wall time: under the profiler a difference of two wall times was off the GPU time by
+    # up to 80%; tokens/s comes from the unprofiled timing.)
     out["harness"] = harness
     ranked = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:top]
     out["kernels"] = [{"name": name[:120], "category": category(name), "us": round(t, 2),
