@@ -7,6 +7,8 @@ intermittent ordering bugs that one pass of the test suite may miss:
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -15,10 +17,13 @@ from bench.kernels.anatomy import VARIANTS
 from triton_kernels._common import LaunchConfig
 from triton_kernels.input_sparse import _triton_impl, pick_config
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+from kernel_testlib import gemv_bound, weight  # noqa: E402  (the test suite's bound and weights)
+
 
 def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: str) -> int:
     """Calls of one chain (each x the previous y, no host sync) with elements off the bound."""
-    w_t = (torch.randn(K, K, device="cuda") / K ** 0.5 * 1.1).to(dtype)
+    w_t = weight(K, K, dtype, "cuda") * 1.1  # keeps |x| about constant over the chain
     thr = torch.full((), 0.3, device="cuda")
     xs = [torch.randn(batch, K, device="cuda").to(dtype)]
     with cs.switched(VARIANTS[variant]):
@@ -31,10 +36,7 @@ def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: 
         # the kernel's test, against the threshold's fp32 value (not the literal 0.3)
         xa = torch.where(xs[i - 1].double().abs() > thr.double(), xs[i - 1].double(), 0.0)
         ref = xa @ w_t.double()
-        # the test suite's bound (tests/kernels/kernel_testlib.py): output rounding plus
-        # fp32 accumulation over the active terms
-        bound = (torch.finfo(dtype).eps * ref.abs() + 2.0**-16 * (xa.abs() @ w_t.double().abs())
-                 + 2.0**-24)
+        bound = gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype)
         off = ((xs[i].double() - ref).abs() > bound) | xs[i].isnan()
         if off.any():
             bad += 1
