@@ -14,10 +14,10 @@ def test_bench_e2e_cli_smoke(tmp_path):
                "--sparsities", "0.5", "--harnesses", "lean",
                "--batches", "1", "--prompts", "16", "--new-tokens", "4", "--repeats", "1",
                "--calib-tokens", "1024", "--calib-seq-len", "128", "--kernel-mode", "never",
-               "--csv", str(out), "--plot", str(tmp_path / "e2e.png")])
+               "--oracle", "mlp", "--csv", str(out), "--plot", str(tmp_path / "e2e.png")])
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
-    assert [r["method"] for r in rows] == ["dense", "cats", "teal", "predictor"]
+    assert [r["method"] for r in rows] == ["dense", "oracle", "cats", "teal", "predictor"]
     for r in rows[1:]:
         assert abs(float(r["measured_sparsity"]) - 0.5) < 0.05
         assert float(r["tok_s"]) > 0 and float(r["dense_tok_s"]) == float(rows[0]["tok_s"])
@@ -120,3 +120,38 @@ def test_profile_categories_of_kernel_names():
     assert category("cudnn_generated_fort_native_sdpa_sm80_flash_fprop") == "attention"
     assert category("triton_red_fused__to_copy_add_input_sparse_gemv_grouped_mean_14") == "other"
     assert category("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_3") == "other"
+
+
+def test_oracle_reads_the_needed_bytes_and_undoes_exactly():
+    """The e2e oracle: every projection (``all``) or up and down (``mlp``) holds exactly the
+    compacted weight of the target sparsity, the model still runs, the byte report matches
+    the pattern, and removing it gives the original model's logits back bit for bit."""
+    import torch
+
+    from bench.e2e.oracle import _SlicedLinear, _SlicedMLP, install_oracle, remove_oracle
+    from bench.e2e.shapes import build_model
+
+    model = build_model("tiny-llama", torch.float32, "cpu")
+    ids = torch.randint(1, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    layer = model.model.layers[0]
+    H, I = 96, 260
+
+    report = install_oracle(model, "all", 0.5)
+    assert report.all_bytes_skipped == 0.5
+    assert isinstance(layer.self_attn.q_proj, _SlicedLinear)
+    assert layer.self_attn.q_proj.weight.shape[1] == H // 2
+    assert layer.mlp.down_proj.weight.shape == (H, I // 2)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    remove_oracle(model)
+    assert isinstance(layer.self_attn.q_proj, torch.nn.Linear)
+
+    report = install_oracle(model, "mlp", 0.6)
+    keep = round(0.4 * I)
+    assert isinstance(layer.mlp, _SlicedMLP)
+    assert layer.mlp.up.shape == (keep, H) and layer.mlp.down.shape == (H, keep)
+    assert abs(report.ffn_bytes_skipped - 0.6 * 2 / 3) < 1e-9
+    assert 0 < report.all_bytes_skipped < report.ffn_bytes_skipped
+    assert model(input_ids=ids).logits.shape == before.shape
+    remove_oracle(model)
+    assert torch.equal(model(input_ids=ids).logits, before)

@@ -133,6 +133,8 @@ def run(args) -> list[dict]:
             extras["profiles"][f"dense/{harness}"] = H.profile_steps(model, 1, args.prompts[0],
                                                                     harness=harness)
             print_profile(f"dense/{harness}", extras["profiles"][f"dense/{harness}"])
+    for scope in args.oracle:
+        run_oracle(args, ver, model, bw, scope, dense, rows)
     for spec in args.methods:
         method, _, scope = spec.partition(":")
         scope = scope or "mlp"
@@ -172,6 +174,31 @@ def run(args) -> list[dict]:
             with open(args.json, "w") as f:
                 json.dump(extras, f, indent=1)
     return rows
+
+
+def run_oracle(args, ver, model, bw, scope: str, dense: dict, rows: list) -> None:
+    """Rows for the oracle (``bench.e2e.oracle``): cuBLAS over pre-compacted weights at each
+    sparsity level, the ceiling of any one-kernel-per-projection design."""
+    from bench.e2e.oracle import install_oracle, remove_oracle
+
+    for target in args.sparsities:
+        report = install_oracle(model, scope, target)
+        torch._dynamo.reset()  # new weight shapes: recompile, and drop the old decode loops
+        sparseffn.clear_decode_loops(model)
+        rates = {}
+        try:
+            for harness in args.harnesses:
+                for b, p in _grid(args, harness):
+                    rates[(harness, b, p)] = H.decode_rate(model, harness, b, p,
+                                                           args.new_tokens, args.repeats)
+        finally:
+            remove_oracle(model)  # first: the byte count must not see the compacted copies
+        for (harness, b, p), rate in rates.items():
+            rows.append(_point(args, ver, model, bw, "oracle", scope, target, report, b, p,
+                               harness, rate, dense[(harness, b, p)], 0.0))
+            print(_fmt(rows[-1]), flush=True)
+    torch._dynamo.reset()
+    sparseffn.clear_decode_loops(model)
 
 
 T0 = time.perf_counter()
@@ -261,6 +288,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--oracle", nargs="*", default=[], choices=["all", "mlp"],
+                   help="also time the oracle (cuBLAS over weights compacted ahead of time, "
+                   "bench/e2e/oracle.py) with this byte pattern at every sparsity level")
     p.add_argument("--profile", action="store_true", help="profile a step at 50%% sparsity")
     p.add_argument("--check", action="store_true",
                    help="kernel path against reference path at every sparsity level")

@@ -113,10 +113,13 @@ def run_case(case: cs.Case, dtype: torch.dtype, batches: list[int], sparsities: 
         dense_bound = cs.needed_bytes(case, batch, dtype, None) / bw * 1e6
         for s in sparsities:
             p = cs.make_point(case, batch, s, dtype, sparse[0])
-            err = cs.rel_error(cs.sparse_call(case, p, sparse[0]), cs.reference(case, p, sparse[0]))
+            bound_ops = [cs.bind(case, p, w) for w in sparse]
+            err = cs.rel_error(cs.sparse_call(case, p, bound_ops[0]),
+                               cs.reference(case, p, sparse[0]))
             ok = err <= cs.REL_TOL[dtype]
-            us = time_calls([lambda w=w: cs.sparse_call(case, p, w) for w in sparse],
+            us = time_calls([lambda w=w: cs.sparse_call(case, p, w) for w in bound_ops],
                             args.replays, dev)
+            del bound_ops
             bound = cs.needed_bytes(case, batch, dtype, p.active_fraction) / bw * 1e6
             rows.append({**meta, "op": case.op, "model": case.model, "K": case.K, "N": case.N,
                          "dtype": str(dtype).replace("torch.", ""), "batch": batch,

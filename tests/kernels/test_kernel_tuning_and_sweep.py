@@ -60,22 +60,22 @@ def test_sweep_smoke_cpu(tmp_path):
 
 
 def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
-    """The grouped q/k/v and gate/up cases, their separate-call twins and the A/B cases
-    (temporary accumulators, programmatic dependent launch) run through the sweep and check
-    correct against the reference."""
+    """The grouped q/k/v and gate/up cases, their separate-call twins, the A/B cases
+    (temporary accumulators, programmatic dependent launch) and the compacted cuBLAS oracle run
+    through the sweep and check correct against the reference."""
     from bench.kernels import cases as cs, sweep
 
     out = tmp_path / "sweep.csv"
     rc = sweep.main(["--device", "cpu", "--models", "tiny", "--batch", "1",
-                     "--ops", ",".join(cs.GROUPED_OPS + cs.AB_OPS),
+                     "--ops", ",".join(cs.GROUPED_OPS + cs.AB_OPS + cs.ORACLE_OPS),
                      "--sparsities", "0,0.5", "--replays", "1", "--dtypes", "fp16",
                      "--csv", str(out)])
     assert rc == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    # (4 grouped cases + the A/B cases in 2 directions) x 2 sparsities
-    assert len(rows) == (4 + 2 * len(cs.AB_OPS)) * 2
-    assert {r["op"] for r in rows} >= set(cs.AB_OPS)
+    # (4 grouped cases + the A/B and oracle cases in 2 directions) x 2 sparsities
+    assert len(rows) == (4 + 2 * len(cs.AB_OPS + cs.ORACLE_OPS)) * 2
+    assert {r["op"] for r in rows} >= set(cs.AB_OPS + cs.ORACLE_OPS)
     assert all(r["correct"] == "True" and r["speedup"] for r in rows)
     q, kv = cs.ATTN["tiny"]
     assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
@@ -135,3 +135,22 @@ def test_report_targets_with_a_partial_sparsity_grid():
     line = table.splitlines()[-1]
     assert "0.90 (miss)" in line and "1.90 |" in line and "6.00 |" in line
     assert line.count("/3") == 2  # 0.25, 0.5 and 0.9 of each published curve
+
+
+def test_oracle_operands_are_the_needed_inputs_only():
+    """The oracle's timed call reads only the union of active inputs (A columns of W) and, with
+    each sequence's own inactive entries zeroed, computes the input-sparse reference; a
+    mistake in the compaction (a column dropped, a per-sequence mask ignored) fails here."""
+    from bench.kernels import cases as cs
+
+    torch.manual_seed(0)
+    case = cs.Case("input_sparse_oracle", "tiny", 63, 431)
+    w = cs.sparse_weights(case, cs.dense_weights(case, torch.float32, "cpu"))
+    p = cs.make_point(case, 3, 0.6, torch.float32, w)
+    x_c, w_c = cs.bind(case, p, w)
+    union = round(p.active_fraction * case.K)
+    assert 0 < union < case.K and x_c.shape == (3, union) and w_c.shape == (case.N, union)
+    ref = cs.reference(case, p, w)
+    assert cs.rel_error(cs.sparse_call(case, p, (x_c, w_c)), ref) < 1e-6
+    dense = torch.nn.functional.linear(p.x, w[0])  # every input counted: far from the reference
+    assert cs.rel_error(dense, ref) > 0.1
