@@ -113,7 +113,9 @@ def _pydoc_topics() -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    # A temporary name of this process's own: two processes fetching at once (test workers,
+    # data-parallel ranks) each replace the file whole, and neither sees the other half written.
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     tmp.replace(path)
 

@@ -6,6 +6,7 @@ load converts it to a plain Hugging Face folder in the cache, so later loads tak
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -48,12 +49,21 @@ def builtin_model_path() -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + ".partial")
+    # Written under a name of this process's own, then renamed whole: a process that converts
+    # at the same time (test workers, data-parallel ranks) never reads or removes a half-written
+    # folder, and the first complete one to land is kept.
+    tmp = target.with_name(f"{target.name}.partial{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if target.exists() and not (target / "config.json").exists():
+        shutil.rmtree(target, ignore_errors=True)  # left incomplete by an older version
+    try:
+        tmp.rename(target)
+    except OSError:  # another process landed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
     return target
 
 

@@ -14,7 +14,7 @@ def test_bench_e2e_cli_smoke(tmp_path):
                "--sparsities", "0.5", "--harnesses", "lean",
                "--batches", "1", "--prompts", "16", "--new-tokens", "4", "--repeats", "1",
                "--calib-tokens", "1024", "--calib-seq-len", "128", "--kernel-mode", "never",
-               "--oracle", "mlp", "--csv", str(out), "--plot", str(tmp_path / "e2e.png")])
+               "--oracle", "neurons", "--csv", str(out), "--plot", str(tmp_path / "e2e.png")])
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["dense", "oracle", "cats", "teal", "predictor"]
@@ -123,9 +123,10 @@ def test_profile_categories_of_kernel_names():
 
 
 def test_oracle_reads_the_needed_bytes_and_undoes_exactly():
-    """The e2e oracle: every projection (``all``) or up and down (``mlp``) holds exactly the
-    compacted weight of the target sparsity, the model still runs, the byte report matches
-    the pattern, and removing it gives the original model's logits back bit for bit."""
+    """The e2e oracle: every projection (``all``), the MLP's (``mlp``) or up and down
+    (``neurons``) hold exactly the compacted weight of the target sparsity, the model still
+    runs, the byte report matches the pattern, and removing it gives the original model's
+    logits back bit for bit."""
     import torch
 
     from bench.e2e.oracle import _SlicedLinear, _SlicedMLP, install_oracle, remove_oracle
@@ -146,7 +147,13 @@ def test_oracle_reads_the_needed_bytes_and_undoes_exactly():
     remove_oracle(model)
     assert isinstance(layer.self_attn.q_proj, torch.nn.Linear)
 
-    report = install_oracle(model, "mlp", 0.6)
+    report = install_oracle(model, "mlp", 0.5)
+    assert isinstance(layer.mlp.up_proj, _SlicedLinear)
+    assert isinstance(layer.self_attn.q_proj, torch.nn.Linear)  # attention untouched
+    assert report.ffn_bytes_skipped == 0.5 and 0 < report.all_bytes_skipped < 0.5
+    remove_oracle(model)
+
+    report = install_oracle(model, "neurons", 0.6)
     keep = round(0.4 * I)
     assert isinstance(layer.mlp, _SlicedMLP)
     assert layer.mlp.up.shape == (keep, H) and layer.mlp.down.shape == (H, keep)

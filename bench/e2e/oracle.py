@@ -8,10 +8,12 @@ as dense and as our kernels, it separates what the byte limit promises from what
 per-projection design can reach; the gap between the oracle and our kernels is our kernels'
 own cost.
 
-Two byte patterns, those of the criteria:
+Three byte patterns, those of the criteria:
 - ``all`` (teal/wina over all seven projections): every projection reads the first
   (1 - s) * K inputs of its weight (a contiguous slice, so the gather is a view).
-- ``mlp`` (cats/chess): gate read whole, the first (1 - s) * I rows of up and columns of down.
+- ``mlp`` (teal/wina with ``scope="mlp"``): the same for gate, up and down only.
+- ``neurons`` (cats/chess): gate read whole, the first (1 - s) * I rows of up and columns of
+  down.
 
 The outputs are meaningless (inputs are dropped, not selected by activity); only speed counts.
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from sparseffn.families import activation, decoder_layers, family_of
 
-SCOPES = ("all", "mlp")
+SCOPES = ("all", "mlp", "neurons")
 
 
 class _SlicedLinear(nn.Module):
@@ -84,8 +86,8 @@ def install_oracle(model: nn.Module, scope: str, sparsity: float) -> OracleRepor
         mlp_bytes += sum(getattr(mlp, n).weight.numel() for n in ("gate_proj", "up_proj",
                                                                    "down_proj"))
         inner = mlp.up_proj.weight.shape[0]
-        if scope == "all":
-            for parent in (attn, mlp):
+        if scope in ("all", "mlp"):
+            for parent in (attn, mlp) if scope == "all" else (mlp,):
                 for name in spec.linear_sites:
                     lin = getattr(parent, name, None)
                     if isinstance(lin, nn.Linear):
@@ -97,6 +99,8 @@ def install_oracle(model: nn.Module, scope: str, sparsity: float) -> OracleRepor
             layer.mlp = _SlicedMLP(mlp, keep, activation(spec, mlp))
     if scope == "all":
         return OracleReport(sparsity, sparsity, sparsity)
+    if scope == "mlp":
+        return OracleReport(sparsity, sparsity, sparsity * mlp_bytes / (mlp_bytes + attn_bytes))
     skipped = sparsity * up_down
     return OracleReport(sparsity, skipped / mlp_bytes, skipped / (mlp_bytes + attn_bytes))
 

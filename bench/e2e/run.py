@@ -288,9 +288,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--oracle", nargs="*", default=[], choices=["all", "mlp"],
+    p.add_argument("--oracle", nargs="*", default=[], choices=["all", "mlp", "neurons"],
                    help="also time the oracle (cuBLAS over weights compacted ahead of time, "
-                   "bench/e2e/oracle.py) with this byte pattern at every sparsity level")
+                   "bench/e2e/oracle.py) with these byte patterns at every sparsity level: "
+                   "all = teal:all, mlp = teal:mlp, neurons = cats/chess")
     p.add_argument("--profile", action="store_true", help="profile a step at 50%% sparsity")
     p.add_argument("--check", action="store_true",
                    help="kernel path against reference path at every sparsity level")

@@ -13,8 +13,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first, for headless machines)
 
 
+# Drawn on the panel of the op they are the reference for, not on a panel of their own.
+OVERLAYS = {"input_sparse_oracle": ("input_sparse", "cuBLAS, needed rows compacted ahead")}
+
+
 def _panels(rows: list[dict]) -> list[tuple]:
-    return sorted({(r["op"], r["model"], int(r["K"]), int(r["N"])) for r in rows})
+    return sorted({(r["op"], r["model"], int(r["K"]), int(r["N"])) for r in rows
+                   if r["op"] not in OVERLAYS})
+
+
+def _overlay(ax, rows: list[dict], key: tuple, batch: int) -> None:
+    """Reference curves (OVERLAYS) of panel ``key``'s shape at ``batch``, dashed."""
+    for op, (target, label) in OVERLAYS.items():
+        if target != key[0]:
+            continue
+        sel = [r for r in rows if (r["op"], r["model"], int(r["K"]), int(r["N"])) ==
+               (op,) + key[1:] and int(r["batch"]) == batch]
+        for dt in sorted({r["dtype"] for r in sel}):
+            pts = sorted((1 - float(r["active_fraction"]), float(r["speedup"]))
+                         for r in sel if r["dtype"] == dt)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", ms=4, lw=1,
+                    label=f"{label} {dt}")
 
 
 def _title(key: tuple) -> str:
@@ -56,6 +75,7 @@ def plot_sweep(rows: list[dict], prefix: str, prior: dict) -> list[str]:
             pts = sorted((1 - float(r["active_fraction"]), float(r["speedup"]))
                          for r in sel if r["dtype"] == dt)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=f"ours {dt}")
+        _overlay(ax, ok, key, 1)
         if not key[0].startswith("mlp"):
             for (name, pub), mk in zip(prior.items(), ("s", "^")):
                 ax.plot(list(pub), list(pub.values()), mk, mfc="none", label=f"{name} (published)")

@@ -81,15 +81,21 @@ def test_sweep_smoke_grouped_and_ab_ops_cpu(tmp_path):
     assert {int(r["N"]) for r in rows if r["op"] == "qkv_grouped"} == {q + 2 * kv}
 
 
-def test_anatomy_smoke_cpu(tmp_path):
+# Where the anatomy's smoke runs find the kernels: the GPU where there is one (the interpreter
+# is off there), else the CPU under TRITON_INTERPRET=1.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_anatomy_smoke(tmp_path):
     """The fixed-cost anatomy runs every launch variant, checks each against the reference and
-    fits its line (host timing on the CPU: the numbers mean nothing, the plumbing is tested)."""
+    fits its line (at a tiny shape, and on the CPU with host timing: the numbers mean nothing,
+    the plumbing is tested)."""
     import json
 
     from bench.kernels import anatomy
 
     out = tmp_path / "anatomy.json"
-    assert anatomy.main(["--device", "cpu", "--shapes", "96x160", "--dtype", "fp16",
+    assert anatomy.main(["--device", KERNEL_DEVICE, "--shapes", "96x160", "--dtype", "fp16",
                          "--sparsities", "0,0.5,0.9", "--replays", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert "tuning" in result  # empty on the CPU, where nothing is tuned
@@ -108,7 +114,8 @@ def test_cli_forwards_to_the_kernel_benchmarks(tmp_path):
     from sparseffn.cli import main
 
     out = tmp_path / "a.json"
-    assert main(["bench", "anatomy", "--device", "cpu", "--shapes", "64x96", "--dtype", "fp32",
+    assert main(["bench", "anatomy", "--device", KERNEL_DEVICE, "--shapes", "64x96",
+                 "--dtype", "fp32",
                  "--sparsities", "0,0.5", "--replays", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["rows"][0]["K"] == 64
     assert main(["bench", "anatomy", "--device", "meta"]) == 2  # no kernels there: refused
