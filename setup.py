@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "rdata", "accelerate>=1.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "rdata", "accelerate>=1.0"],
         # sparseffn.finetune: the Trainer needs accelerate (peft is a core dependency)
         "finetune": ["accelerate>=1.0"],
     },

@@ -12,13 +12,15 @@ import sys
 
 import torch
 
-from bench.kernels import cases as cs
-from bench.kernels.anatomy import VARIANTS
-from triton_kernels._common import LaunchConfig
-from triton_kernels.input_sparse import _triton_impl, pick_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+# The repository root (where the package is not pip-installed, e.g. on a lent GPU machine
+# without build dependencies) and the test suite's helpers.
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "kernels")]
+from bench.kernels import cases as cs  # noqa: E402
+from bench.kernels.anatomy import VARIANTS  # noqa: E402
 from kernel_testlib import gemv_bound, weight  # noqa: E402  (the test suite's bound and weights)
+from triton_kernels._common import LaunchConfig  # noqa: E402
+from triton_kernels.input_sparse import _triton_impl, pick_config  # noqa: E402
 
 
 def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: str) -> int:

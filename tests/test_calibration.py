@@ -113,3 +113,31 @@ def test_each_calibrate_module_imports_first_in_a_fresh_interpreter(module):
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_calibration_passes_skip_the_lm_head_and_keep_the_statistics():
+    """The observed passes run the decoder without its LM head (no observer reads logits) and
+    collect the same statistics as a pass through the whole model."""
+    from unittest import mock
+
+    import sparseffn
+    from calibrate.collect import collect_statistics
+    from sparseffn.families import family_of
+    from sparseffn.methods import get_method
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
+    sparseffn.sparsify(model, "teal", 0.5, ids, scope="all", n_tokens=1024, progress=False)
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    spec = family_of(model)
+    method = get_method("teal", spec)
+    stats = collect_statistics(model, spec, method, "all", ids, progress=False)
+    assert head_calls == []
+    # The same pass through the whole model, head included (base_model made the model itself).
+    with mock.patch.object(type(model), "base_model", property(lambda self: self)):
+        whole = collect_statistics(model, spec, method, "all", ids, progress=False)
+    assert head_calls  # the head did run this time
+    assert stats.keys() == whole.keys()
+    assert all(torch.equal(stats[k], whole[k]) for k in stats)

@@ -178,7 +178,7 @@ def run(args) -> list[dict]:
 
 def run_oracle(args, ver, model, bw, scope: str, dense: dict, rows: list) -> None:
     """Rows for the oracle (``bench.e2e.oracle``): cuBLAS over pre-compacted weights at each
-    sparsity level, the ceiling of any one-kernel-per-projection design."""
+    sparsity level, what reading only the needed bytes buys the unmodified model."""
     from bench.e2e.oracle import install_oracle, remove_oracle
 
     for target in args.sparsities:

@@ -35,10 +35,10 @@ AB_FLAGS = {"input_sparse_tempacc": [("_accumulator", "ENABLED", False)],
             "input_sparse_pdl": [("_common", "PDL", True)],
             "input_sparse_noprefetch": [("_input_sparse_kernel", "PREFETCH_CANDIDATES", False)]}
 AB_OPS = tuple(AB_FLAGS)
-# What no gather kernel can beat: cuBLAS (F.linear) over exactly the needed inputs, with the
-# weight's active columns and x's active entries compacted before the timed call (the
-# compaction is not timed: this "oracle" knows the active set ahead of the call). Its time at
-# each sparsity is the floor set by the bytes plus cuBLAS's own per-call cost.
+# What reading only the needed bytes buys the vendor library: cuBLAS (F.linear) over exactly the
+# needed inputs, the weight's active columns and x's active entries compacted before the timed
+# call (not timed: this "oracle" knows the active set ahead of the call). A reference, not a
+# bound: cuBLAS's kernel choice for the compacted shapes varies (docs/kernels.md).
 ORACLE_OPS = ("input_sparse_oracle",)
 ALL_OPS = OPS + GROUPED_OPS + AB_OPS + ORACLE_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
