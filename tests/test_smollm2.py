@@ -9,7 +9,9 @@ from sparseffn.data import load_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
-TARGETS = (0.25, 0.4, 0.5, 0.65)
+# The README's levels but 0.4 (between two that are checked): each case calibrates on 2048
+# tokens of the real model, about 12 s on two cores, and CI must stay well under 30 minutes.
+TARGETS = (0.25, 0.5, 0.65)
 METHODS = ("teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk")
 # Chance is 0.5 at 50%; this test's predictor measured 0.624 here (and 0.488 sparsity).
 RECALL_FLOOR = 0.58
