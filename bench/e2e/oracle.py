@@ -84,7 +84,6 @@ def install_oracle(model: nn.Module, scope: str, sparsity: float) -> OracleRepor
                           if hasattr(attn, n))
         mlp_bytes += sum(getattr(mlp, n).weight.numel() for n in ("gate_proj", "up_proj",
                                                                    "down_proj"))
-        inner = mlp.up_proj.weight.shape[0]
         if scope in ("all", "mlp"):
             for parent in (attn, mlp) if scope == "all" else (mlp,):
                 for name in spec.linear_sites:
@@ -94,7 +93,7 @@ def install_oracle(model: nn.Module, scope: str, sparsity: float) -> OracleRepor
                         setattr(parent, name, _SlicedLinear(lin, keep))
         else:
             up_down += 2 * mlp.up_proj.weight.numel()
-            keep = max(1, round((1 - sparsity) * inner))
+            keep = max(1, round((1 - sparsity) * mlp.up_proj.out_features))
             layer.mlp = _SlicedMLP(mlp, keep, activation(spec, mlp))
     if scope == "all":
         return OracleReport(sparsity, sparsity, sparsity)

@@ -143,8 +143,7 @@ def run(args) -> list[dict]:
                                      args.calib_seq_len, args.progress)
         from sparseffn.patching import install, update_thresholds
         install(model, cals[0], kernel_mode=args.kernel_mode)
-        torch._dynamo.reset()
-        sparseffn.clear_decode_loops(model)
+        _recompile(model)
         for target, cal in zip(args.sparsities, cals):
             update_thresholds(model, cal)
             report = measure_sparsity(model)
@@ -164,8 +163,7 @@ def run(args) -> list[dict]:
                 extras["checks"][key] = check_kernel_path(model)
                 print(f"check {key}: {extras['checks'][key]}", flush=True)
         sparseffn.unsparsify(model)
-        torch._dynamo.reset()
-        sparseffn.clear_decode_loops(model)
+        _recompile(model)
         if args.json:
             # The launch config the tuner chose per (op, batch, shape): near-equal candidates
             # can swap between processes, which moves a point by a few percent.
@@ -183,8 +181,7 @@ def run_oracle(args, ver, model, bw, scope: str, dense: dict, rows: list) -> Non
 
     for target in args.sparsities:
         report = install_oracle(model, scope, target)
-        torch._dynamo.reset()  # new weight shapes: recompile, and drop the old decode loops
-        sparseffn.clear_decode_loops(model)
+        _recompile(model)
         rates = {}
         try:
             for harness in args.harnesses:
@@ -197,6 +194,12 @@ def run_oracle(args, ver, model, bw, scope: str, dense: dict, rows: list) -> Non
             rows.append(_point(args, ver, model, bw, "oracle", scope, target, report, b, p,
                                harness, rate, dense[(harness, b, p)], 0.0))
             print(_fmt(rows[-1]), flush=True)
+    _recompile(model)
+
+
+def _recompile(model) -> None:
+    """After the model's modules changed (patched, unpatched, oracle in or out): drop the
+    compiled graphs and the cached decode loops, so the next decode compiles the new model."""
     torch._dynamo.reset()
     sparseffn.clear_decode_loops(model)
 
