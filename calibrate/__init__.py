@@ -1,6 +1,7 @@
-"""Calibration: observe activations on real text, fit thresholds, train predictors, save.
+"""Calibration machinery: observe activations on real text, stream statistics, fit thresholds,
+allocate sparsity, train neuron predictors, and store the result without pickle.
 
-sparseffn's API imports this package; loading sparseffn first lets any calibrate module be
-imported on its own (the import order is then always sparseffn, then calibrate).
+Generic on purpose: this package knows no sparsity method and imports nothing from
+``sparseffn``. ``sparseffn`` (its methods and its public API) tells it which statistics to
+collect, which thresholds to fit and which modules to watch.
 """
-import sparseffn  # noqa: F401

@@ -1,98 +1,49 @@
-"""TEAL-style greedy allocation of sparsity among the projections of each decoder layer.
+"""TEAL-style greedy allocation of sparsity among the sites of one block.
 
-Projections differ in how much their sparsity hurts: in each layer, starting from zero, raise by
-one step the site whose increase adds the least layer-output error per weight byte skipped,
-until the bytes-weighted mean sparsity reaches the layer's target. Errors are measured by
-running the real (patched) decoder layer on captured calibration inputs, so attention, norms
-and residuals are all included.
+Sites differ in how much their sparsity hurts: starting from zero, raise by one step the site
+whose increase adds the least output error per weight byte skipped, until the bytes-weighted
+mean sparsity reaches the block's target. The error function is the caller's (``sparseffn``
+runs the real patched decoder layer on captured calibration inputs, so attention, norms and
+residuals are all included).
 """
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-from calibrate.artifact import layer_entries
-from sparseffn.config import SparsityConfig
-from sparseffn.families import FamilySpec, decoder_layers
-from sparseffn.methods import Method
-from sparseffn.patching import set_site_threshold, site_counter
-from sparseffn.report import track_sparsity
+from typing import Callable
 
 MAX_SITE_SPARSITY = 0.95
 
 
-def _capture_layer_inputs(model: nn.Module, windows: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) each decoder layer received for ``windows`` [N, L]."""
-    layers = decoder_layers(model)
-    captured: list[Any] = [None] * len(layers)
-    handles = []
+def greedy_levels(sizes: dict[str, int], target: float, step: float,
+                  error_at: Callable[[dict[str, float]], float]) -> dict[str, float]:
+    """Per-site sparsity levels whose bytes-weighted mean reaches ``target``.
 
-    def make_hook(i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[i] = (args, dict(kwargs))
-        return hook
+    Args:
+        sizes: weight elements each site covers (its bytes, up to the dtype).
+        target: the block's sparsity target in [0, 1).
+        step: the sparsity increment tried per site and round.
+        error_at: relative output error of the block with the sites at the given levels.
 
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-    try:
-        device = model.get_input_embeddings().weight.device
-        model(input_ids=windows.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _run(layer: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
-    out = layer(*inputs[0], **inputs[1])
-    return (out[0] if isinstance(out, tuple) else out).float()
-
-
-@torch.no_grad()
-def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method, config: SparsityConfig,
-                      stats: dict[str, torch.Tensor], windows: torch.Tensor,
-                      progress: bool = True) -> dict[str, float]:
-    """Per-site sparsities ``{"layers.{i}.{site}": s}`` meeting each layer's target in bytes.
-
-    ``model`` must be patched with every site of ``method``; its thresholds are changed.
+    Returns:
+        ``{site: level}``; every level at most ``MAX_SITE_SPARSITY``. If every site reaches
+        the cap first, the target is not met and the capped levels are returned.
     """
-    layers = decoder_layers(model)
-    sites = method.sites(spec, config.scope)
-    inputs = _capture_layer_inputs(model, windows)
-    track_sparsity(model, False)  # search passes are not measurements
-    result: dict[str, float] = {}
-    for i in tqdm(range(len(layers)), desc="greedy allocation", disable=not progress):
-        layer = layers[i]
-        layer_stats = layer_entries(stats, i)
-        size = {}
-        for s in sites:
-            size[s] = site_counter(layer, s).covered_elements
-        total = sum(size.values())
-        target = config.target_for_layer(i) * total
-        level = dict.fromkeys(sites, 0.0)
-        dense = _run(layer, inputs[i])
-        scale = dense.pow(2).mean().clamp_min(1e-30)
-        current_err = 0.0
-        while sum(level[s] * size[s] for s in sites) < target - 1e-9:
-            best = None
-            needed = target - sum(level[s] * size[s] for s in sites)
-            for s in sites:
-                if level[s] >= MAX_SITE_SPARSITY:
-                    continue
-                step = min(config.greedy_step, MAX_SITE_SPARSITY - level[s], needed / size[s])
-                set_site_threshold(layer, s, method.fit(layer_stats, s, level[s] + step))
-                err = float((_run(layer, inputs[i]) - dense).pow(2).mean() / scale)
-                set_site_threshold(layer, s, method.fit(layer_stats, s, level[s]))
-                cost = (err - current_err) / (step * size[s])
-                if best is None or cost < best[0]:
-                    best = (cost, s, step, err)
-            if best is None:  # every site at its cap: the target is out of reach
-                break
-            _, s, step, current_err = best
-            level[s] += step
-            set_site_threshold(layer, s, method.fit(layer_stats, s, level[s]))
-        result.update({f"layers.{i}.{s}": level[s] for s in sites})
-    return result
+    total = sum(sizes.values())
+    goal = target * total
+    level = dict.fromkeys(sizes, 0.0)
+    current = 0.0
+    while sum(level[s] * sizes[s] for s in sizes) < goal - 1e-9:
+        best = None
+        needed = goal - sum(level[s] * sizes[s] for s in sizes)
+        for s in sizes:
+            if level[s] >= MAX_SITE_SPARSITY:
+                continue
+            inc = min(step, MAX_SITE_SPARSITY - level[s], needed / sizes[s])
+            err = error_at({**level, s: level[s] + inc})
+            cost = (err - current) / (inc * sizes[s])
+            if best is None or cost < best[0]:
+                best = (cost, s, inc, err)
+        if best is None:  # every site at its cap: the target is out of reach
+            break
+        _, s, inc, current = best
+        level[s] += inc
+    return level

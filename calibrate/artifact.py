@@ -1,9 +1,11 @@
 """The calibration artifact: fitted thresholds and the statistics behind them.
 
-On disk a calibration is a folder with ``calibration.json`` (method, config, allocated sparsity
-per site, versions, and a fingerprint of the model it belongs to) and ``calibration.safetensors``
-(thresholds and statistics). Nothing is pickled. Saving writes a temporary folder and renames it,
-so an interrupted save never leaves a half-written artifact behind.
+On disk a calibration is a folder with ``calibration.json`` (config, allocated sparsity per
+site, versions, and a fingerprint of the model it belongs to) and ``calibration.safetensors``
+(thresholds, statistics and any per-layer tensors a method keeps, such as neuron predictors).
+Nothing is pickled. Saving writes a temporary folder and renames it, so an interrupted save
+never leaves a half-written artifact behind. The config is the caller's object (anything with
+``to_dict()``); ``load`` takes the function that reads it back.
 """
 from __future__ import annotations
 
@@ -12,43 +14,46 @@ import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from sparseffn.config import SparsityConfig
-from sparseffn.errors import CalibrationError, SparseFFNError
-from sparseffn.families import decoder_layers, family_of, layer_mlp
+from calibrate.errors import CalibrationError, SparseFFNError
+from calibrate.fit import layer_entries
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 JSON_NAME = "calibration.json"
 TENSORS_NAME = "calibration.safetensors"
 SIGNATURE_RTOL = 2e-2  # bf16 rounding moves a 64-element mean by well under 1%
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "vocab_size")
 
 
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+class ConfigLike(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def model_fingerprint(model_type: str, name_or_path: str, vocab_size: int,
+                      down_weights: list[torch.Tensor]) -> dict[str, Any]:
     """Architecture shape plus a weight signature that survives dtype casts.
+
+    Args:
+        down_weights: each decoder layer's down projection weight [H, I], in order.
 
     The signature is the mean absolute value of the first 64 entries of each layer's down
     projection: a different checkpoint of the same architecture differs there by far more than
     fp32/bf16 rounding does.
     """
-    cfg = model.config
-    layers = decoder_layers(model)
-    down = _down_weight(layers[0])
-    signature = [_signature(_down_weight(layer)) for layer in layers]
-    # Shapes come from the weights: multimodal configs keep them in a nested text_config.
+    down = down_weights[0]
     return {
-        "model_type": cfg.model_type,
+        "model_type": model_type,
         "hidden_size": int(down.shape[0]),
         "intermediate_size": int(down.shape[1]),
-        "num_layers": len(layers),
-        "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
-        "name_or_path": str(getattr(cfg, "_name_or_path", "")),
-        "weight_signature": signature,
+        "num_layers": len(down_weights),
+        "vocab_size": int(vocab_size),
+        "name_or_path": name_or_path,
+        "weight_signature": [_signature(w.detach()) for w in down_weights],
     }
 
 
@@ -60,21 +65,11 @@ def _signature(weight: torch.Tensor) -> float:
     return float(weight.flatten()[:64].float().abs().mean())
 
 
-def _down_weight(layer: nn.Module) -> torch.Tensor:
-    """The down projection weight of a layer, patched or not."""
-    mlp = layer_mlp(layer)
-    mlp = getattr(mlp, "base", mlp)
-    return mlp.down_proj.weight.detach()
-
-
-def check_fingerprint(expected: dict[str, Any], model: nn.Module, weights: bool = True) -> None:
-    """Raise CalibrationError if ``model`` is not the model the calibration was fitted on.
-
-    With ``weights=False`` only the architecture shape must match.
-    """
-    family_of(model)
-    actual = model_fingerprint(model)
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_layers", "vocab_size"):
+def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any],
+                      weights: bool = True) -> None:
+    """Raise CalibrationError if ``actual`` (``model_fingerprint`` of the model at hand) is not
+    the model ``expected`` was fitted on. With ``weights=False`` only the shape must match."""
+    for key in SHAPE_KEYS:
         if expected[key] != actual[key]:
             raise CalibrationError(
                 f"this calibration belongs to another model: {key} is {expected[key]} there and "
@@ -97,40 +92,32 @@ def check_fingerprint(expected: dict[str, Any], model: nn.Module, weights: bool 
         )
 
 
-def layer_entries(mapping: dict[str, Any], layer: int) -> dict[str, Any]:
-    """The entries ``layers.{layer}.{name}`` of ``mapping``, keyed by ``name``."""
-    prefix = f"layers.{layer}."
-    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
-
-
 @dataclass
 class Calibration:
     """Fitted sparsity state of one model.
 
     Attributes:
-        config: the SparsityConfig it was fitted for.
+        config: the config it was fitted for (the caller's type, with ``to_dict()``).
         fingerprint: ``model_fingerprint`` of the calibrated model.
         sparsities: allocated sparsity per site, ``{"layers.{i}.{site}": float}``.
         thresholds: per site, float32 [] or [C].
         stats: calibration statistics per layer, kept so the sparsity can change without new
             data (``{"layers.{i}.{stat}": tensor}``).
         meta: versions, token counts, data description.
-        predictors: the "predictor" method's networks, ``{"layers.{i}.a": [r, H],
-            "layers.{i}.b": [I, r]}`` float32 (empty for every other method).
+        extras: per-layer tensors a method keeps beside its thresholds, e.g. neuron
+            predictors ``{"layers.{i}.a": [r, H], "layers.{i}.b": [I, r]}`` (often empty).
     """
 
-    config: SparsityConfig
+    config: ConfigLike
     fingerprint: dict[str, Any]
     sparsities: dict[str, float]
     thresholds: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    predictors: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def layer_predictor(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A [r, H], B [I, r]) of one layer, or None."""
-        entries = layer_entries(self.predictors, layer)
-        return (entries["a"], entries["b"]) if entries else None
+    def layer_extras(self, layer: int) -> dict[str, torch.Tensor]:
+        return layer_entries(self.extras, layer)
 
     def layer_thresholds(self, layer: int) -> dict[str, torch.Tensor]:
         return layer_entries(self.thresholds, layer)
@@ -149,7 +136,7 @@ class Calibration:
         tmp.mkdir(parents=True)
         tensors = {f"thresholds.{k}": v.contiguous() for k, v in self.thresholds.items()}
         tensors.update({f"stats.{k}": v.contiguous() for k, v in self.stats.items()})
-        tensors.update({f"predictors.{k}": v.contiguous() for k, v in self.predictors.items()})
+        tensors.update({f"extras.{k}": v.contiguous() for k, v in self.extras.items()})
         save_file(tensors, str(tmp / TENSORS_NAME))
         doc = {
             "format_version": FORMAT_VERSION,
@@ -165,8 +152,10 @@ class Calibration:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
-        """Read an artifact folder, with clear errors for missing or corrupt files."""
+    def load(cls, path: str | Path,
+             read_config: Callable[[dict[str, Any]], ConfigLike]) -> "Calibration":
+        """Read an artifact folder, with clear errors for missing or corrupt files;
+        ``read_config`` turns the stored config dict back into the caller's config."""
         path = Path(path)
         json_path, tensor_path = path / JSON_NAME, path / TENSORS_NAME
         for f in (json_path, tensor_path):
@@ -175,7 +164,7 @@ class Calibration:
         try:
             doc = json.loads(json_path.read_text())
             version = doc["format_version"]
-            config = SparsityConfig.from_dict(doc["config"])
+            config = read_config(doc["config"])
             fingerprint, sparsities = doc["fingerprint"], doc["sparsities"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CalibrationError(f"{json_path} is corrupt ({exc}); recalibrate") from exc
@@ -189,16 +178,10 @@ class Calibration:
         thresholds = {k[len("thresholds."):]: v for k, v in tensors.items()
                       if k.startswith("thresholds.")}
         stats = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
-        predictors = {k[len("predictors."):]: v for k, v in tensors.items()
-                      if k.startswith("predictors.")}
+        extras = {k[len("extras."):]: v for k, v in tensors.items() if k.startswith("extras.")}
         if set(thresholds) != set(sparsities):
             raise CalibrationError(f"{path} is inconsistent: thresholds and sparsities name "
                                    "different sites; recalibrate")
-        if config.method == "predictor" and \
-                {k.rsplit(".", 1)[0] for k in predictors} != {k.rsplit(".", 1)[0]
-                                                               for k in thresholds}:
-            raise CalibrationError(f"{path} is inconsistent: its predictors do not cover every "
-                                   "layer; recalibrate")
         return cls(config, fingerprint, sparsities, thresholds, stats, doc.get("meta", {}),
-                   predictors)
+                   extras)
 

@@ -26,11 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.collect import run_observed
-from sparseffn.errors import CalibrationError
-from sparseffn.families import decoder_layers
-from sparseffn.methods import SCORE_GRID_KEY
-from sparseffn.patching import sparse_modules
+from calibrate.errors import CalibrationError
+from calibrate.observe import Observable, run_observed
 
 #: Tokens per optimizer step; a calibration batch of 4 x 512 tokens gives 8 steps.
 MINIBATCH_TOKENS = 256
@@ -38,6 +35,20 @@ MINIBATCH_TOKENS = 256
 SCORE_SAMPLES = 65536
 SCORE_GRID = 1025
 MAX_QUANTILE_INPUT = 1 << 23
+#: Statistic key of a layer's score quantiles.
+SCORE_GRID_KEY = "score_grid"
+
+
+def threshold_from_grid(grid: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Score threshold leaving ``sparsity`` of the scores at or below it, from their quantiles
+    ``grid`` [G] at 0, 1/(G-1), ..., 1 (float32 []); -inf at sparsity 0, so every neuron stays
+    and the MLP is exactly dense."""
+    if sparsity <= 0:
+        return torch.tensor(float("-inf"))
+    pos = sparsity * (grid.numel() - 1)
+    lo = min(int(pos), grid.numel() - 2)
+    frac = pos - lo
+    return (grid[lo] + frac * (grid[lo + 1] - grid[lo])).float()
 
 
 def default_rank(hidden: int) -> int:
@@ -130,18 +141,20 @@ def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[:-n_held], windows[-n_held:]
 
 
-def train_predictors(model: nn.Module, windows: torch.Tensor, sparsity: list[float],
-                     rank: int = 0, epochs: int = 4, lr: float = 3e-3, batch_size: int = 4,
+def train_predictors(model: nn.Module, mlps: list[tuple[int, Observable, torch.Tensor]],
+                     windows: torch.Tensor, sparsity: list[float], rank: int = 0,
+                     epochs: int = 4, lr: float = 3e-3, batch_size: int = 4,
                      progress: bool = True, seed: int = 0
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                 dict[str, float]]:
     """Train one predictor per decoder layer on ``windows`` [N, L] of token ids, layer i for
     the neuron sparsity ``sparsity[i]``.
 
-    ``model`` must be patched with zero thresholds (it computes the dense function); its
-    wrappers report each MLP's input and activations. Every epoch is one pass over the training
-    windows; a last pass scores the held-out ones (``split_windows``) with the final weights,
-    for the thresholds' quantiles and the reported loss and recall.
+    ``mlps`` holds, per decoder layer, (layer index, the observable module that reports that
+    layer's ``mlp_in``, ``act`` and ``up`` signals, its down projection weight [H, I]); the
+    model must compute the dense function (zero thresholds). Every epoch is one pass over the
+    training windows; a last pass scores the held-out ones (``split_windows``) with the final
+    weights, for the thresholds' quantiles and the reported loss and recall.
 
     Returns:
         (``{"layers.{i}.a": [r, H], "layers.{i}.b": [I, r]}`` float32 on the CPU,
@@ -151,18 +164,14 @@ def train_predictors(model: nn.Module, windows: torch.Tensor, sparsity: list[flo
     """
     if epochs < 1:
         raise CalibrationError(f"predictor epochs must be >= 1, got {epochs}")
-    wrappers = [(i, m) for i, m in sparse_modules(model) if hasattr(m, "intermediate_size")]
-    if len(wrappers) != len(decoder_layers(model)):
-        raise CalibrationError("every decoder layer needs a patched MLP to train predictors")
     g = torch.Generator().manual_seed(seed)
     trainers = {}
-    for i, mlp in wrappers:
-        down = mlp.base.down_proj.weight
+    for i, _, down in mlps:
         hidden, inter = down.shape
         r = rank or default_rank(hidden)
         trainers[i] = _LayerTrainer(hidden, inter, r, keep_count(inter, sparsity[i]), lr,
                                     down.device, g)
-    callbacks = [(mlp, trainers[i].report) for i, mlp in wrappers]
+    callbacks = [(mlp, trainers[i].report) for i, mlp, _ in mlps]
     train, held = split_windows(windows)
     for epoch in range(epochs + 1):  # the last pass only scores, with the final weights
         for t in trainers.values():

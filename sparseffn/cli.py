@@ -7,9 +7,12 @@ built-in text; ``--model`` also takes any local Hugging Face folder or hub name.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -115,18 +118,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\ndone in {time.time() - start:.0f} s")
 
 
-def cmd_bench_e2e(args: argparse.Namespace) -> None:
-    from bench.e2e.run import run_from_args
-    run_from_args(args)
+#: ``sparseffn bench NAME``: the benchmark module it runs, and what it does.
+BENCHMARKS = {
+    "e2e": ("bench.e2e.run", "end-to-end decode speed, dense against sparse, on a random-weight "
+                             "model of a real shape (a GPU)"),
+    "check": ("bench.e2e.check", "kernel path against reference path on one model (logits, "
+                                 "greedy tokens, every module; a GPU, or the CPU under "
+                                 "TRITON_INTERPRET=1)"),
+    "kernels": ("bench.kernels.sweep", "kernel sweep: copy bandwidth, dense cuBLAS and our ops "
+                                       "over real shapes, CSV + plot (a GPU)"),
+    "anatomy": ("bench.kernels.anatomy", "fixed cost and streaming rate of one input-sparse "
+                                         "GEMV call (a GPU)"),
+}
 
 
-def cmd_bench_check(args: argparse.Namespace) -> None:
-    from bench.e2e.check import run
-    run(args)
+def source_root() -> Path:
+    """The source checkout this package runs from (the benchmarks live there, not in the
+    installed package), or a SparseFFNError saying how to get one."""
+    from sparseffn.errors import SparseFFNError
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__init__.py").exists():
+        raise SparseFFNError("the benchmarks ship with the source repository, not the installed "
+                             "package: clone it and run `pip install -e .` from the clone")
+    return root
+
+
+def _bench(module: str):
+    """Run ``python -m module`` on the arguments the subcommand did not parse itself, with the
+    checkout on the path and the current directory unchanged (relative --csv paths)."""
+    def run(args: argparse.Namespace) -> int:
+        root = str(source_root())
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return subprocess.call([sys.executable, "-m", module, *args.rest], env=env)
+    return run
+
+
+def default_sweep(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
+    """The quality sweep's default specs: each input method over all projections (the first
+    one over the MLP too), then every other method, trained ones (predictors) left out."""
+    from sparseffn.methods import method_class
+    out = [f"{n}:all" for n in inputs]
+    out[1:1] = [f"{inputs[0]}:mlp"] if inputs else []
+    return out + [n for n in names if n not in inputs and not method_class(n).trained]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseffn.config import ALLOCATIONS, METHODS, SCOPES
+    from sparseffn.config import ALLOCATIONS, SCOPES, input_methods
+    from sparseffn.methods import DEFAULT_METHOD, method_names
     parser = argparse.ArgumentParser(prog="sparseffn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit thresholds on text and save them")
     _model_args(p)
     _calib_args(p)
-    p.add_argument("--method", default="chess", choices=METHODS)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names())
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--scope", default="mlp", choices=SCOPES)
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
@@ -150,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _calib_args(p)
     p.add_argument("--methods", nargs="+",
-                   default=["teal:all", "teal:mlp", "wina:all", "cats", "chess", "topk"],
-                   help="method[:scope[:allocation]] specs")
+                   default=default_sweep(method_names(), input_methods()),
+                   help="method[:scope[:allocation]] specs (default: every method that needs "
+                        "no trained parts, input methods over all projections and teal-like "
+                        "ones over the MLP too)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.65])
     p.add_argument("--eval-data", default="austen", help="held-out text source")
     p.add_argument("--eval-tokens", type=int, default=4096)
@@ -161,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="dense vs sparse on the built-in model, in a few minutes")
-    p.add_argument("--method", default="chess", choices=METHODS)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names())
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--scope", default="mlp", choices=SCOPES)
     p.add_argument("--data", default="austen")
@@ -176,38 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sparseffn.finetune.cli import add_parser as add_finetune_parser
     add_finetune_parser(sub)
 
-    p = sub.add_parser("bench", help="benchmarks (see bench/)")
+    p = sub.add_parser("bench", help="benchmarks, from a source checkout (see bench/)")
     bench = p.add_subparsers(dest="bench", required=True)
-    from bench.e2e.run import build_parser as e2e_parser
-    e2e = bench.add_parser("e2e", help="end-to-end decode speed, dense against sparse, on a "
-                                       "random-weight model of a real shape (needs a GPU)")
-    e2e_parser(e2e)
-    e2e.set_defaults(func=cmd_bench_e2e)
-    from bench.e2e.check import build_parser as check_parser
-    check = bench.add_parser("check", help="kernel path against reference path on one model "
-                                           "(logits, greedy tokens, every module; a GPU)")
-    check_parser(check)
-    check.set_defaults(func=cmd_bench_check)
-    # The kernel benchmarks keep their own argument parsers; their arguments pass through.
-    for name, module, what in (
-            ("kernels", "bench.kernels.sweep", "kernel sweep: copy bandwidth, dense cuBLAS and "
-                                                "our ops over real shapes, CSV + plot (a GPU)"),
-            ("anatomy", "bench.kernels.anatomy", "fixed cost and streaming rate of one "
-                                                 "input-sparse GEMV call per launch variant "
-                                                 "(a GPU)")):
+    for name, (module, what) in BENCHMARKS.items():
         k = bench.add_parser(name, help=what, add_help=False,
                              description=f"{what}; `sparseffn bench {name} --help` lists its "
-                                         "options")
-        k.set_defaults(func=_forward(module), forward=True)
+                                         f"options (runs `python -m {module}`)")
+        k.set_defaults(func=_bench(module), forward=True)
     return parser
-
-
-def _forward(module: str):
-    """Run ``module.main(argv)`` with the arguments the subcommand did not parse itself."""
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-        return importlib.import_module(module).main(args.rest)
-    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,13 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparseffn.errors import SparseFFNError
+from sparseffn.methods import DEFAULT_METHOD, method_class, method_names
 
 CONFIG_VERSION = 1
-METHODS = ("teal", "wina", "cats", "chess", "topk", "predictor")
-#: Methods that pick a fixed number of neurons per token (their "threshold" is the sparsity).
-RANKED_METHODS = ("topk",)
-# Methods that gate each linear's input (and so can cover attention projections too).
-INPUT_METHODS = ("teal", "wina")
 SCOPES = ("mlp", "all")
 ALLOCATIONS = ("uniform", "greedy")
 
@@ -22,7 +18,7 @@ class SparsityConfig:
     """How a model is sparsified.
 
     Attributes:
-        method: criterion, one of ``METHODS``.
+        method: criterion, a registered method name (``sparseffn.methods.method_names()``).
         sparsity: target fraction in [0, 1) of the weight bytes of the sparsified projections
             that a decode step skips (for cats/chess/topk/predictor: the fraction of FFN
             neurons off, which skips that fraction of up rows and down columns, and for
@@ -37,7 +33,7 @@ class SparsityConfig:
         predictor_epochs: passes over the calibration text that train them.
     """
 
-    method: str = "chess"
+    method: str = DEFAULT_METHOD
     sparsity: float = 0.5
     scope: str = "mlp"
     allocation: str = "uniform"
@@ -53,25 +49,24 @@ class SparsityConfig:
 
     def validate(self) -> None:
         """Raise SparseFFNError naming the first invalid field."""
-        if self.method not in METHODS:
-            raise SparseFFNError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        method = method_class(self.method)
         check_sparsity(self.sparsity)
         for layer, value in self.layer_sparsity.items():
             check_sparsity(value, f"layer_sparsity[{layer}]")
         if self.scope not in SCOPES:
             raise SparseFFNError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.scope == "all" and self.method not in INPUT_METHODS:
+        if self.scope == "all" and not method.gates_inputs:
             raise SparseFFNError(
                 f"method {self.method!r} gates FFN neurons only; scope='all' (attention "
-                f"projections too) needs one of {INPUT_METHODS}. Use scope='mlp'."
+                f"projections too) needs one of {input_methods()}. Use scope='mlp'."
             )
         if self.allocation not in ALLOCATIONS:
             raise SparseFFNError(
                 f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.allocation == "greedy" and self.method not in INPUT_METHODS:
+        if self.allocation == "greedy" and not method.gates_inputs:
             raise SparseFFNError(
                 f"greedy allocation shares sparsity among a layer's projections, so it needs one "
-                f"of {INPUT_METHODS}; {self.method!r} has one site per layer. Use 'uniform'."
+                f"of {input_methods()}; {self.method!r} has one site per layer. Use 'uniform'."
             )
         if isinstance(self.predictor_rank, bool) or not isinstance(self.predictor_rank, int) \
                 or self.predictor_rank < 0:
@@ -110,6 +105,11 @@ class SparsityConfig:
     @classmethod
     def from_json(cls, text: str) -> "SparsityConfig":
         return cls.from_dict(json.loads(text))
+
+
+def input_methods() -> tuple[str, ...]:
+    """Registered methods that gate projection inputs (scope "all", greedy allocation)."""
+    return tuple(n for n in method_names() if method_class(n).gates_inputs)
 
 
 def check_sparsity(value: float, name: str = "sparsity") -> float:

@@ -1,6 +1,7 @@
 """Text for calibration and evaluation: built-in offline sources and user data.
 
-Built-in sources come from package registries (no model hub, no web), each split so that
+Built-in sources come from package registries (no model hub, no web), fetched once into the
+cache by ``scripts/fetch_texts.py`` (the library calls no package manager), each split so that
 evaluation text is never calibration text:
 
 - ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (R data, parsed with
@@ -16,16 +17,9 @@ dataset (its ``text`` column).
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import warnings
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -46,65 +40,21 @@ def cache_dir() -> Path:
     return path
 
 
-def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
+#: How to fetch a built-in source into the cache (the library itself downloads nothing).
+FETCH = {"austen": "Debian's r-cran-janeaustenr (apt-get download)",
+         "news": "the gensim wheel on PyPI (pip download)"}
+
+
+def _cached(source: str) -> Any:
+    """The cached JSON of a fetched source, or a CalibrationError saying how to fetch it."""
+    target = cache_dir() / f"{source}.json"
+    if not target.exists():
         raise CalibrationError(
-            f"could not fetch {what} with `{' '.join(cmd)}` (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-400:]}. This source needs its package registry; use "
-            "source 'pydoc' (always offline) or pass your own texts."
-        )
-
-
-def _austen_books() -> dict[str, str]:
-    """{book name: full text} of Austen's six novels, fetched once into the cache."""
-    target = cache_dir() / "austen.json"
-    if target.exists():
-        return json.loads(target.read_text())
-    try:
-        import rdata
-    except ImportError as exc:  # a dependency of the dev extra, named in the fix
-        raise CalibrationError("the 'austen' source needs `pip install rdata`") from exc
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        _run(["apt-get", "download", "r-cran-janeaustenr"], tmp_path, "Debian r-cran-janeaustenr")
-        deb = next(tmp_path.glob("r-cran-janeaustenr_*.deb"))
-        _run(["dpkg-deb", "-x", str(deb), "x"], tmp_path, "the .deb contents")
-        base = next((tmp_path / "x").rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")
-        books = _parse_rdb(rdata, base)
-    _write_json_atomic(target, books)
-    return books
-
-
-def _parse_rdb(rdata, base: Path) -> dict[str, str]:
-    """{object name: text} of an R lazy-load database (``.rdx`` index + ``.rdb`` blobs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # rdata: "Unknown file type: assumed RDS"
-        index = rdata.conversion.convert(
-            rdata.parser.parse_data(gzip.decompress(base.with_suffix(".rdx").read_bytes())))
-        blob = base.with_suffix(".rdb").read_bytes()
-        books = {}
-        for name, (offset, length) in index["variables"].items():
-            # Each object: 4-byte big-endian length, then a zlib stream of an R serialization.
-            raw = zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)])
-            lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
-            books[str(name)] = "\n".join(str(line) for line in lines)
-    return books
-
-
-def _news_articles() -> list[str]:
-    target = cache_dir() / "news.json"
-    if target.exists():
-        return json.loads(target.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-              "-q", "gensim", "-d", tmp], Path(tmp), "the gensim wheel from PyPI")
-        wheel = next(Path(tmp).glob("gensim-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            text = zf.read("gensim/test/test_data/lee_background.cor").decode("utf-8", "replace")
-    articles = [line.strip() for line in text.splitlines() if line.strip()]
-    _write_json_atomic(target, articles)
-    return articles
+            f"the built-in source {source!r} is not in the cache ({target}): fetch it once from "
+            f"{FETCH[source]} with `python scripts/fetch_texts.py {source}` from the source "
+            "checkout (scripts/install.sh does), or use 'pydoc' (always present) or your own "
+            "texts")
+    return json.loads(target.read_text())
 
 
 def _pydoc_topics() -> dict[str, str]:
@@ -112,7 +62,8 @@ def _pydoc_topics() -> dict[str, str]:
     return dict(sorted(topics.items()))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` whole (never half written, even with two writers)."""
     # A temporary name of this process's own: two processes fetching at once (test workers,
     # data-parallel ranks) each replace the file whole, and neither sees the other half written.
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -126,7 +77,7 @@ def builtin_texts(source: str, split: str) -> list[str]:
         raise CalibrationError(f"split must be one of {SPLITS}, got {split!r}")
     want_eval = split == "eval"
     if source == "austen":
-        books = _austen_books()
+        books = _cached("austen")
         return [text for name, text in books.items() if (name in AUSTEN_EVAL_BOOKS) == want_eval]
     if source == "pydoc":
         # Several topic names share one text, so split (and deduplicate) by content.
@@ -134,7 +85,7 @@ def builtin_texts(source: str, split: str) -> list[str]:
         return [text for text in unique
                 if (int(hashlib.sha1(text.encode()).hexdigest(), 16) % 5 == 4) == want_eval]
     if source == "news":
-        return [a for i, a in enumerate(_news_articles()) if (i % 5 == 4) == want_eval]
+        return [a for i, a in enumerate(_cached("news")) if (i % 5 == 4) == want_eval]
     raise CalibrationError(
         f"unknown text source {source!r}: built-in sources are {BUILTIN_SOURCES}; "
         "or pass a list of strings, a .txt/.jsonl file or folder, or a datasets dataset"
@@ -197,12 +148,14 @@ def load_texts(data: Any, split: str = "calibration", text_field: str = "text") 
 
 
 def token_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int,
-                  purpose: str = "calibration", spread: int = 64) -> torch.Tensor:
+                  purpose: str = "calibration", spread: int = 64,
+                  bos: int | None = None) -> torch.Tensor:
     """Windows of ``seq_len`` tokens, about ``n_tokens`` in all, spread evenly over the text.
 
     Documents are concatenated (separated by EOS); windows are taken at even strides over the
     first ``spread * n_tokens`` tokens, so a calibration sees every book of a corpus rather than
-    the opening of the first one.
+    the opening of the first one. With ``bos``, each window is that token followed by
+    ``seq_len - 1`` tokens of text (for families whose models expect BOS first, e.g. Gemma).
 
     Returns:
         LongTensor [n_windows, seq_len], n_windows = n_tokens // seq_len (fewer if the text is
@@ -211,6 +164,11 @@ def token_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int,
     Raises:
         CalibrationError: if the text holds fewer than ``seq_len`` tokens.
     """
+    if bos is not None:
+        if seq_len < 2:
+            raise CalibrationError(f"seq_len must be at least 2 with a BOS token, got {seq_len}")
+        text = token_windows(tokenizer, texts, n_tokens, seq_len - 1, purpose, spread)
+        return torch.cat([torch.full((len(text), 1), bos, dtype=text.dtype), text], dim=1)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for doc in texts:

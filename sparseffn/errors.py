@@ -1,16 +1,11 @@
 """Exceptions raised by sparseffn; each message names the problem and the fix."""
+from calibrate.errors import CalibrationError, SparseFFNError
 
-
-class SparseFFNError(ValueError):
-    """Base class: bad input that sparseffn refused before changing anything."""
+__all__ = ["CalibrationError", "PatchStateError", "SparseFFNError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(SparseFFNError):
     """The model's architecture is not in the family registry."""
-
-
-class CalibrationError(SparseFFNError):
-    """Calibration data or a calibration artifact cannot be used."""
 
 
 class PatchStateError(SparseFFNError):

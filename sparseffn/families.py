@@ -8,6 +8,7 @@ sparsity site each because they read one input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ class FamilySpec:
         attn_out: the attention output projection.
         fused_gate_up: the MLP has one ``gate_up_proj`` whose output is [gate | up].
         act_attr: attribute of the MLP holding its activation module.
+        bos_first: its models expect every sequence to start with BOS (calibration windows
+            are given one).
     """
 
     name: str
@@ -34,6 +37,7 @@ class FamilySpec:
     attn_out: str = "o_proj"
     fused_gate_up: bool = False
     act_attr: str = "act_fn"
+    bos_first: bool = False
 
     @property
     def mlp_in(self) -> tuple[str, ...]:
@@ -51,9 +55,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("mistral", ("mistral",)),
     FamilySpec("qwen2", ("qwen2",)),
     FamilySpec("qwen3", ("qwen3",)),
-    FamilySpec("gemma", ("gemma",)),
-    FamilySpec("gemma2", ("gemma2",)),
-    FamilySpec("gemma3", ("gemma3", "gemma3_text")),
+    FamilySpec("gemma", ("gemma",), bos_first=True),
+    FamilySpec("gemma2", ("gemma2",), bos_first=True),
+    FamilySpec("gemma3", ("gemma3", "gemma3_text"), bos_first=True),
     FamilySpec("phi3", ("phi3",), attn_in=("qkv_proj",), fused_gate_up=True,
                act_attr="activation_fn"),
     FamilySpec("olmo", ("olmo", "olmo2")),
@@ -118,3 +122,30 @@ def gate_and_up(spec: FamilySpec, mlp: nn.Module, x_gate: torch.Tensor,
 def activation(spec: FamilySpec, mlp: nn.Module) -> nn.Module:
     return getattr(mlp, spec.act_attr)
 
+
+
+def window_bos(model: nn.Module, tokenizer: Any) -> int | None:
+    """The BOS id that starts each calibration window of ``model``'s family, or None when the
+    family does not expect one (or neither tokenizer nor config knows its id)."""
+    if not family_of(model).bos_first:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else getattr(model.config, "bos_token_id", None)
+
+
+def signal_of(spec: FamilySpec, site: str) -> str:
+    """The calibration signal whose magnitude gates a projection-input site.
+
+    Signals, per decoder layer: ``attn_in`` [T, H] (input of q/k/v), ``o_in`` [T, A] (input of
+    the attention output projection), ``mlp_in`` [T, H], ``act`` [T, I] = act(gate(x)), ``up``
+    [T, I] = up(x), ``down_in`` [T, I] = act * up (the down projection's input).
+    """
+    if site in spec.attn_in:
+        return "attn_in"
+    if site == spec.attn_out:
+        return "o_in"
+    if site in spec.mlp_in:
+        return "mlp_in"
+    if site == "down_proj":
+        return "down_in"
+    raise KeyError(site)

@@ -1,8 +1,8 @@
-"""Swap a model's MLPs and attention projections for sparse wrappers, and back.
+"""Swap a model's projections and MLPs for sparse modules, reversibly.
 
-The wrappers keep the original modules as ``base``, so removing them restores the exact
-original model (same module objects, same weights). All new modules are built before the first
-swap, so a failure leaves the model untouched.
+The family registry (``sparseffn.families``) says where each layer keeps them; the calibration
+says which sites are gated and at which thresholds; the method (``sparseffn.methods``) supplies
+the neuron gate of the ``act`` site. Undo puts every ``base`` back.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from calibrate.artifact import Calibration
-from sparseffn.config import RANKED_METHODS
-from sparseffn.decode import KERNEL_MODES
-from sparseffn.errors import PatchStateError, SparseFFNError
-from sparseffn.families import FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp
-from sparseffn.modules import InputGroup, SiteCounter, SparseGatedMLP, SparseLinear
+from sparseffn.dispatch import KernelMode
+from sparseffn.errors import PatchStateError
+from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
+                                signal_of)
+from sparseffn.methods import ACT_SITE, Method, get_method
+from sparseffn.modules import InputGroup, SparseGatedMLP, SparseLinear, SparseModule
 
 STATE_ATTR = "_sparseffn_state"
 
@@ -40,77 +41,83 @@ def patch_state(model: nn.Module) -> PatchState:
     return state
 
 
-def _layer_modules(spec: FamilySpec, layer: nn.Module, thresholds: dict[str, torch.Tensor],
-                   topk_sparsity: float | None,
-                   predictor: tuple[torch.Tensor, torch.Tensor] | None
-                   ) -> dict[tuple[nn.Module, str], nn.Module]:
+def _layer_modules(spec: FamilySpec, method: Method, layer: nn.Module,
+                   thresholds: dict[str, torch.Tensor], extras: dict[str, torch.Tensor],
+                   calibrating: bool) -> dict[tuple[nn.Module, str], nn.Module]:
     """New modules for one layer, keyed by (parent, attribute)."""
     mlp, attn = layer_mlp(layer), layer_attn(layer)
-    mlp_sites = {s: t for s, t in thresholds.items()
-                 if s in (*spec.mlp_in, "down_proj") or (s == "act" and topk_sparsity is None)}
+    inputs = {s: t for s, t in thresholds.items() if s in (*spec.mlp_in, "down_proj")}
+    gate = None
+    if ACT_SITE in thresholds:
+        t = thresholds[ACT_SITE]
+        gate = method.calibration_gate(mlp, t) if calibrating \
+            else method.neuron_gate(mlp, t, extras)
     new: dict[tuple[nn.Module, str], nn.Module] = {}
-    if mlp_sites or topk_sparsity is not None:
-        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, mlp_sites, topk_sparsity, predictor)
+    if inputs or gate is not None:
+        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, inputs, gate)
+    readers = []
     for site in (*spec.attn_in, spec.attn_out):
         if site in thresholds:
-            new[(attn, site)] = SparseLinear(getattr(attn, site), thresholds[site], site)
-    readers = [new[(attn, site)] for site in spec.attn_in if (attn, site) in new]
+            # q, k and v read the same input: only the first reports it to calibration.
+            first = site == spec.attn_out or not readers
+            module = SparseLinear(getattr(attn, site), thresholds[site], site,
+                                  signal_of(spec, site) if first else None)
+            new[(attn, site)] = module
+            if site in spec.attn_in:
+                readers.append(module)
     if len(readers) > 1:  # q, k, v read the same x: one launch on decode steps
         InputGroup(readers)
     return new
 
 
 def install(model: nn.Module, calibration: Calibration,
-            kernel_mode: str = "auto") -> None:
+            kernel_mode: KernelMode | str = KernelMode.AUTO, calibrating: bool = False) -> None:
     """Patch ``model`` in place with ``calibration``'s thresholds.
 
-    ``kernel_mode`` ("auto", "always", "never"; see ``sparseffn.decode``) picks where decode
-    steps run the Triton kernels; unless "never", the projections the kernels read input-major
-    are re-laid out in place now (no extra copy is kept).
+    ``kernel_mode`` picks where decode steps run the Triton kernels; unless NEVER, the
+    projections the kernels read input-major are re-laid out in place now (no extra copy).
+    ``calibrating``: neuron sites get the method's ``calibration_gate`` (for the calibration
+    passes, before any trained part of the gate exists).
     """
-    if kernel_mode not in KERNEL_MODES:
-        raise SparseFFNError(f"kernel_mode must be one of {KERNEL_MODES}, got {kernel_mode!r}")
+    kernel_mode = KernelMode.parse(kernel_mode)
     if is_sparsified(model):
         raise PatchStateError(
             "the model is already sparsified; call sparseffn.unsparsify(model) first, or "
             "sparseffn.set_sparsity(model, s) to change its level"
         )
     spec = family_of(model)
-    ranked = calibration.config.method in RANKED_METHODS
+    method = get_method(calibration.config.method, spec)
     swaps: dict[tuple[nn.Module, str], nn.Module] = {}
     for i, layer in enumerate(decoder_layers(model)):
-        thresholds = calibration.layer_thresholds(i)
-        topk_sparsity = float(thresholds["act"]) if ranked and "act" in thresholds else None
-        swaps.update(_layer_modules(spec, layer, thresholds, topk_sparsity,
-                                    calibration.layer_predictor(i)))
+        swaps.update(_layer_modules(spec, method, layer, calibration.layer_thresholds(i),
+                                    calibration.layer_extras(i), calibrating))
     for (parent, name), module in swaps.items():
         setattr(parent, name, module)
     setattr(model, STATE_ATTR, PatchState(spec, calibration))
     set_kernel_mode(model, kernel_mode)
 
 
-def set_kernel_mode(model: nn.Module, mode: str, keep_layout: bool = False) -> None:
-    """Switch every wrapper's kernel policy and weight layout (see ``install``; ``keep_layout``:
-    see ``_KernelPath.set_kernel_mode``)."""
+def set_kernel_mode(model: nn.Module, mode: KernelMode | str, keep_layout: bool = False) -> None:
+    """Switch every sparse module's kernel policy and weight layout (see ``install``;
+    ``keep_layout``: see ``SparseModule.set_kernel_mode``)."""
     patch_state(model)
-    if mode not in KERNEL_MODES:
-        raise SparseFFNError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    mode = KernelMode.parse(mode)
     for _, module in sparse_modules(model):
         module.set_kernel_mode(mode, keep_layout)
 
 
-def sparse_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, module) of every sparse wrapper in ``model``."""
+def sparse_modules(model: nn.Module) -> list[tuple[int, SparseModule]]:
+    """(layer index, module) of every sparse module in ``model``."""
     out = []
     for i, layer in enumerate(decoder_layers(model)):
         for module in layer.modules():
-            if isinstance(module, (SparseGatedMLP, SparseLinear)):
+            if isinstance(module, SparseModule):
                 out.append((i, module))
     return out
 
 
-def site_wrapper(layer: nn.Module, site: str) -> nn.Module:
-    """The installed wrapper that gates ``site`` of a decoder layer."""
+def site_module(layer: nn.Module, site: str) -> SparseModule:
+    """The installed sparse module that gates ``site`` of a decoder layer."""
     mlp = layer_mlp(layer)
     if isinstance(mlp, SparseGatedMLP) and site in mlp.sites:
         return mlp
@@ -120,28 +127,12 @@ def site_wrapper(layer: nn.Module, site: str) -> nn.Module:
     return module
 
 
-def site_counter(layer: nn.Module, site: str) -> SiteCounter:
-    wrapper = site_wrapper(layer, site)
-    return wrapper.counters[site] if isinstance(wrapper, SparseGatedMLP) else wrapper.counter
-
-
-def set_site_threshold(layer: nn.Module, site: str, value: torch.Tensor) -> None:
-    """Set the threshold of one gated site (for top-k: its sparsity) in place."""
-    wrapper = site_wrapper(layer, site)
-    if isinstance(wrapper, SparseLinear):
-        wrapper.set_threshold(value)
-    elif site == "act" and wrapper.topk_sparsity is not None:
-        wrapper.topk_sparsity = float(value)
-    else:
-        wrapper.set_threshold(site, value)
-
-
 def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
-    """Load ``calibration``'s thresholds into the installed wrappers (same sites)."""
+    """Load ``calibration``'s thresholds into the installed modules (same sites)."""
     state = patch_state(model)
     for i, layer in enumerate(decoder_layers(model)):
         for site, value in calibration.layer_thresholds(i).items():
-            set_site_threshold(layer, site, value)
+            site_module(layer, site).set_threshold(site, value)
     state.calibration = calibration
 
 

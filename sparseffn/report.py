@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from sparseffn.families import decoder_layers, layer_attn, layer_mlp
-from sparseffn.modules import SparseGatedMLP, SparseLinear
+from sparseffn.methods import ACT_SITE
+from sparseffn.modules import SparseModule
 from sparseffn.patching import patch_state, sparse_modules
 
 
@@ -62,34 +63,27 @@ def _weighted(sites: list[SiteSparsity]) -> float:
     return sum(s.sparsity * s.covered_elements for s in sites) / total if total else 0.0
 
 
-def _counters(module: nn.Module):
-    if isinstance(module, SparseLinear):
-        return [(module.site, module.counter)]
-    return list(module.counters.items())
-
-
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Measured sparsity since the last ``reset_sparsity_stats`` (or since patching)."""
     state = patch_state(model)
     sites = []
     for layer, module in sparse_modules(model):
-        for name, counter in _counters(module):
+        for name, counter in module.counters.items():
             total = int(counter.total)
             off = 1.0 - int(counter.active) / total if total else 0.0
             target = state.calibration.sparsities.get(f"layers.{layer}.{name}", 0.0)
             sites.append(SiteSparsity(layer, name, off, target, counter.covered_elements, total))
-    ffn_total = attn_total = extra = 0
+    extra = sum(module.overhead_elements() for _, module in sparse_modules(model))
+    ffn_total = attn_total = 0
     for layer in decoder_layers(model):
         mlp = layer_mlp(layer)
-        if isinstance(mlp, SparseGatedMLP) and mlp.has_predictor:
-            extra += mlp.pred_a.numel() + mlp.pred_b.numel()  # read every step, never skipped
-        mlp = mlp.base if isinstance(mlp, SparseGatedMLP) else mlp
+        mlp = mlp.base if isinstance(mlp, SparseModule) else mlp
         ffn_total += sum(p.numel() for p in mlp.parameters())
         attn = layer_attn(layer)
         attn_total += sum(m.weight.numel() for m in attn.modules() if isinstance(m, nn.Linear))
     skipped = sum(s.sparsity * s.covered_elements for s in sites) - extra
     ffn_skipped = sum(s.sparsity * s.covered_elements for s in sites
-                      if s.site in ("act", "down_proj", *state.spec.mlp_in)) - extra
+                      if s.site in (ACT_SITE, "down_proj", *state.spec.mlp_in)) - extra
     return SparsityReport(sites, _weighted(sites), ffn_skipped / ffn_total,
                           skipped / (ffn_total + attn_total))
 
@@ -97,7 +91,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 def reset_sparsity_stats(model: nn.Module) -> None:
     """Zero every site's counters."""
     for _, module in sparse_modules(model):
-        for _, counter in _counters(module):
+        for counter in module.counters.values():
             counter.reset()
 
 

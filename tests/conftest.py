@@ -10,33 +10,10 @@ import torch
 # anything imports triton_kernels (the core may), hence here, first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sparseffn.models import builtin_model_path
-
-# One tiny config per registered family: odd widths so nothing relies on powers of two.
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                 "phi3", "olmo", "olmo2")
-VOCAB = 49152  # the built-in tokenizer's, so calibration text tokenizes into valid ids
-
-
-def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer random model of ``model_type`` (hidden 72, FFN 100)."""
-    torch.manual_seed(seed)
-    kwargs = dict(hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=18, vocab_size=VOCAB,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512,
-                  tie_word_embeddings=True)
-    config = transformers.CONFIG_MAPPING[model_type](**kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    # Random init gives tiny activations; scale the MLP weights so |act| spans decades like a
-    # trained model's do and thresholds are meaningful.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj" in name:
-                p.mul_(4.0)
-    return model
+from sparseffn.testing import TINY_FAMILIES, tiny_model  # noqa: F401 - the tests' imports
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 import sparseffn
-from bench.e2e.harness import prompt_ids, teacher_forced_logits
+from bench.e2e.harness import prompt_ids
 from sparseffn.patching import set_kernel_mode, sparse_modules
+from sparseffn.testing import teacher_forced_logits
 
 #: Relative error of one module's output (same input) above which it is reported as departing.
 #: A channel decided the other way near its threshold moves an output by about
@@ -213,7 +214,7 @@ def _builtin(dtype: torch.dtype, device: str, batch: int, prompt: int):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from calibrate.fit import calibrate_model
+    from sparseffn.calibration import calibrate_model
     from sparseffn.config import SparsityConfig
     from sparseffn.patching import install, update_thresholds
 

@@ -138,23 +138,3 @@ def profile_steps(model: nn.Module, batch: int, prompt: int, steps: int = 16,
     out["kernels"] = [{"name": name[:120], "category": category(name), "us": round(t, 2),
                        "launches": round(n, 2)} for name, (t, n) in ranked]
     return out
-
-
-@torch.no_grad()
-def teacher_forced_logits(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor,
-                          before_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Logits [steps, B, V] (fp32) of feeding ``tokens`` [B, steps] one at a time after ``ids``;
-    ``before_step(t)`` is called before decode step t."""
-    from transformers import DynamicCache
-
-    from sparseffn.generation import cache_kwarg
-
-    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
-    model(input_ids=ids, use_cache=True, **cache)
-    out = []
-    for t in range(tokens.shape[1]):
-        if before_step is not None:
-            before_step(t)
-        step = model(input_ids=tokens[:, t:t + 1], use_cache=True, **cache)
-        out.append(step.logits[:, -1].float())
-    return torch.stack(out)

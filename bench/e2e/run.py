@@ -60,7 +60,7 @@ def read_bandwidth(device: str) -> float:
 def calibrations(model, method: str, scope: str, levels: list[float], tokens: int,
                  seq_len: int, progress: bool) -> tuple[list, float]:
     """One Calibration per level, fitted on random token ids (model unpatched)."""
-    from calibrate.fit import calibrate_model
+    from sparseffn.calibration import calibrate_model
     from sparseffn.config import SparsityConfig
 
     g = torch.Generator().manual_seed(11)

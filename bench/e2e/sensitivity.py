@@ -6,8 +6,7 @@
 Feeds one prompt and 32 random tokens (teacher forcing) through the reference path and through
 variants of it, and reports for each variant the relative difference of the new token's hidden
 state after every layer, at the prefill and at every decode step, and the logits' agreement:
-    kernel path (twice), kernel path without grouped launches, kernel path with temporary
-    accumulators; the reference path on the kernels' weight layout (same math, another
+    kernel path (twice); the reference path on the kernels' weight layout (same math, another
     summation order in F.linear); the reference path with 1e-3 relative noise on every sparse
     module's output.
 This is the tool that showed the H200 whole-model check failure to be the random model's
@@ -18,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
-from unittest import mock
+from contextlib import nullcontext
 
 import torch
 
@@ -28,8 +25,6 @@ import sparseffn
 from bench.e2e.check import perturbed_outputs
 from bench.e2e.run import calibrations
 from bench.e2e.shapes import build_model
-from sparseffn import decode
-from sparseffn import modules as M
 from sparseffn.patching import install, set_kernel_mode
 
 
@@ -82,19 +77,6 @@ def compare(name, res, ref):
     return out
 
 
-@contextmanager
-def _no_groups() -> Iterator[None]:
-    """q/k/v and gate/up computed by separate launches."""
-    def separate(x, ws, bs, ts):
-        return [decode.linear(x, w, b, t) for w, b, t in zip(ws, bs, ts)]
-
-    def never_usable(group):
-        group.usable = False
-    with mock.patch.object(M.InputGroup, "refresh", never_usable), \
-            mock.patch.object(decode, "grouped_linear", separate):
-        yield
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bench.e2e.sensitivity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
 
     def run(mode, ctx=None, keep_layout_reference=False):
-        """Teacher-forced states under ``mode``, inside ``ctx`` (entered before the mode is set,
-        so a patched group refresh takes effect)."""
+        """Teacher-forced states under ``mode``, inside ``ctx``."""
         with ctx or nullcontext():
             sparseffn.set_kernel_mode(model, mode)
             if keep_layout_reference:  # the kernels' layout, then the reference path on it
@@ -142,13 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
                                      ref)
     results["noise_1e-3"] = compare("reference + 1e-3 noise", run(
         "never", perturbed_outputs(model, 1e-3, normal=True, seed=3)), ref)
-    results["kernel_nogroup"] = compare("kernel path, no grouping", run(a.mode, _no_groups()),
-                                        ref)
-    from triton_kernels import _accumulator, _common
-    results["kernel_tempacc"] = compare("kernel path, temporary accumulators", run(
-        a.mode, mock.patch.object(_accumulator, "ENABLED", False)), ref)
-    print(f"[{time.perf_counter() - t0:.0f}s] tuned: "
-          f"{[(k, str(v)) for k, v in _common._TUNED.items()]}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), **results}, f, indent=1)

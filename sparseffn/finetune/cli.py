@@ -25,6 +25,7 @@ METHOD_HELP = ("none: plain fine-tune (baseline); l1: progressive L1 on activati
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``finetune`` subcommand on ``sparseffn``'s subparsers."""
     from sparseffn.finetune.recipe import FINETUNE_METHODS, THRESHOLD_METHODS, TRAINABLE
+    from sparseffn.methods import DEFAULT_METHOD
 
     p = sub.add_parser("finetune", help="fine-tune towards sparse FFN activations, then "
                                         "calibrate and save", description=__doc__,
@@ -42,9 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--text-field", default="text")
     train = p.add_argument_group("method and schedule")
     train.add_argument("--method", default="fixed", choices=FINETUNE_METHODS, help=METHOD_HELP)
-    train.add_argument("--threshold-method", default="chess", choices=THRESHOLD_METHODS,
-                       help="thresholds 'fixed' trains with: cats (one per layer) or chess "
-                            "(per neuron)")
+    train.add_argument("--threshold-method", default=DEFAULT_METHOD, choices=THRESHOLD_METHODS,
+                       help="thresholds 'fixed' trains with (a method that thresholds "
+                            "|act(gate(x))|)")
     train.add_argument("--sparsity", type=float, default=0.7,
                        help="target FFN sparsity (training target and calibration level)")
     train.add_argument("--weight", type=float, default=1.0,
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--lora-targets", nargs="+",
                       help="projection names (default: every projection of the family)")
     out = p.add_argument_group("output")
-    out.add_argument("--calib-method", default="chess", choices=("cats", "chess"),
+    out.add_argument("--calib-method", default=DEFAULT_METHOD, choices=THRESHOLD_METHODS,
                      help="criterion of the saved calibration")
     out.add_argument("--calib-tokens", type=int, default=4096,
                      help="calibration tokens ('fixed' training thresholds and the saved one)")

@@ -23,10 +23,12 @@ from sparseffn.finetune.regularization import SparsityRegularization
 from sparseffn.finetune.regularizers import (DensityLoss, FixedThreshold, ProgressiveL1,
                                              Regularizer, ReluSubstitution)
 from sparseffn.finetune.schedule import ProgressiveSchedule
+from sparseffn.methods import ACT_SITE, DEFAULT_METHOD, method_class, method_names
 
 # method name -> what it combines
 FINETUNE_METHODS = ("none", "l1", "density", "fixed", "relu", "fatrelu", "prosparse")
-THRESHOLD_METHODS = ("cats", "chess")
+#: Registered methods whose neuron gate is a threshold on |act| (what "fixed" trains with).
+THRESHOLD_METHODS = tuple(n for n in method_names() if method_class(n).act_threshold)
 TRAINABLE = ("lora", "ffn", "all")
 
 
@@ -38,8 +40,8 @@ class FinetuneConfig:
         method: one of ``FINETUNE_METHODS`` ("none" is a plain fine-tune, the baseline).
         sparsity: target FFN sparsity: the threshold level for "fixed", 1 - the target
             density for "density", and the calibration level of the saved model.
-        threshold_method: the calibrated thresholds "fixed" trains with: "cats" (one per
-            layer, as CATS does) or "chess" (per neuron).
+        threshold_method: the calibrated thresholds "fixed" trains with, one of
+            ``THRESHOLD_METHODS`` (CATS: one per layer; CHESS: per neuron).
         steps, batch_size, seq_len, lr: optimizer steps, windows per step and process,
             tokens per window, peak learning rate (constant after ``lr_warmup`` steps).
         weight: the L1/density factor reached at the end of the schedule.
@@ -55,7 +57,7 @@ class FinetuneConfig:
 
     method: str = "fixed"
     sparsity: float = 0.7
-    threshold_method: str = "chess"
+    threshold_method: str = DEFAULT_METHOD
     steps: int = 200
     batch_size: int = 4
     seq_len: int = 128
@@ -205,7 +207,7 @@ def finetune(model: nn.Module, tokenizer: Any, windows: torch.Tensor, config: Fi
 
 
 def calibrate_finetuned(model: nn.Module, tokenizer: Any, texts: list[str], sparsity: float,
-                        method: str = "chess", n_tokens: int = 4096, seq_len: int = 512,
+                        method: str = DEFAULT_METHOD, n_tokens: int = 4096, seq_len: int = 512,
                         ) -> nn.Module:
     """Patch a fine-tuned model at ``sparsity``; a FATReLU shift floors the thresholds.
 
@@ -221,14 +223,15 @@ def calibrate_finetuned(model: nn.Module, tokenizer: Any, texts: list[str], spar
     shift = float(getattr(model.config, "sparseffn_relu_shift", 0.0) or 0.0)
     if shift > 0:
         calib = sparseffn.get_calibration(model)
-        floored = {k: v.clamp_min(shift) if k.endswith(".act") else v
+        floored = {k: v.clamp_min(shift) if k.endswith(f".{ACT_SITE}") else v
                    for k, v in calib.thresholds.items()}
         update_thresholds(model, replace(calib, thresholds=floored))
     return model
 
 
 def save_finetuned(model: nn.Module, tokenizer: Any, out: str | Path, texts: list[str],
-                   sparsity: float, method: str = "chess", config: FinetuneConfig | None = None,
+                   sparsity: float, method: str = DEFAULT_METHOD,
+                   config: FinetuneConfig | None = None,
                    n_tokens: int = 4096) -> tuple[Path, Path]:
     """Save the merged model (``out/model``) and its calibration (``out/calibration``)."""
     import json

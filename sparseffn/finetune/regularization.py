@@ -109,7 +109,8 @@ class SparsityRegularization:
         if tolerance is None:
             out: list[torch.Tensor | None] = []
             for mlp in self.patched_mlps():
-                t = mlp.threshold("act") if mlp is not None else None
+                gate = mlp.neuron_gate if mlp is not None else None
+                t = gate.act_threshold() if gate is not None else None
                 out.append(None if t is None else t.detach().float().clone())
             return out
         if isinstance(tolerance, (int, float)):

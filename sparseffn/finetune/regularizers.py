@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from sparseffn.finetune.errors import FinetuneError
+from sparseffn.methods import DEFAULT_METHOD
 from sparseffn.finetune.schedule import ConstantSchedule, Schedule
 
 if TYPE_CHECKING:
@@ -147,12 +148,12 @@ class FixedThreshold(Regularizer):
 
     def attach(self, reg: "SparsityRegularization") -> None:
         for i, mlp in enumerate(reg.patched_mlps()):
-            if mlp is None or (mlp.threshold("act") is None and mlp.topk_sparsity is None):
+            if mlp is None or mlp.neuron_gate is None:
                 raise FinetuneError(
                     "FixedThreshold trains with the calibrated thresholds active, but layer "
                     f"{i} has no neuron threshold: patch the model first with "
-                    "sparseffn.sparsify(model, method='cats' (or 'chess'), sparsity=..., "
-                    "calibration=..., tokenizer=...)"
+                    f"sparseffn.sparsify(model, method={DEFAULT_METHOD!r}, sparsity=..., "
+                    "calibration=..., tokenizer=...) or another method that gates neurons"
                 )
 
     def penalty(self, acts: Sequence[torch.Tensor], reg: "SparsityRegularization") -> None:

@@ -1,0 +1,123 @@
+"""The one place that decides whether a call runs the Triton kernels or the reference path.
+
+A decode step feeds each layer one new token per sequence (x [B, 1, H]); its time is the time of
+reading the weights, so the sparse modules hand it to the Triton ops (``sparseffn.decode``),
+which never load the weights of inactive neurons. Everything else (prefill, training, the CPU)
+takes the reference path in ``sparseffn.modules``. Both paths apply the same thresholds with
+the same strict ``>`` test in fp32, so they compute the same function up to rounding.
+
+What can be decided ahead of time is decided at patch time or when the kernel mode changes
+(``KernelMode``, whether the kernels run on a device here, whether a module's weights are laid
+out for them); what remains per call (``use_kernels``) is static under ``torch.compile``:
+shapes, dtypes, devices and the grad mode.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import triton_kernels
+from sparseffn.errors import SparseFFNError
+
+
+class KernelMode(str, Enum):
+    """Where decode steps run the Triton kernels.
+
+    AUTO: on CUDA tensors at batch 1 (larger batches measured slower than dense and decode
+    densely); ALWAYS: any decode batch up to ``MAX_DECODE_BATCH``, also on the CPU when Triton
+    runs in interpreter mode (tests); NEVER: the reference path everywhere, weights in their
+    original layout.
+    """
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+    @classmethod
+    def parse(cls, value: "KernelMode | str") -> "KernelMode":
+        """``value`` as a KernelMode, or a SparseFFNError naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise SparseFFNError(f"kernel_mode must be one of {choices}, got {value!r}") from None
+
+
+#: Largest number of sequences a decode step sends to the kernels under ALWAYS.
+MAX_DECODE_BATCH = 16
+#: ... and under AUTO. At batch 4 the union of the sequences' active rows is most rows, and the
+#: sparse path measured slower than dense (docs/e2e.md), so AUTO decodes larger batches densely.
+AUTO_MAX_BATCH = 1
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def kernels_on(device_type: str) -> bool:
+    """Whether the Triton ops run on ``device_type`` tensors here (cached at patch time, so a
+    compiled forward reads a constant)."""
+    if device_type not in _AVAILABLE:
+        _AVAILABLE[device_type] = triton_kernels.kernels_available(device_type)
+    return _AVAILABLE[device_type]
+
+
+def wants_layout(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
+    """Whether ``mode`` may run kernels on these weights, so they should be laid out for them."""
+    return mode is KernelMode.ALWAYS or (
+        mode is KernelMode.AUTO and any(w.device.type == "cuda" for w in weights))
+
+
+def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
+                weight: torch.Tensor) -> bool:
+    """Whether this call takes the kernel path.
+
+    Args:
+        mode: the module's kernel mode.
+        layout_ready: its weights are laid out for the kernels (``sparseffn.layout``).
+        observing: a calibration observer is attached (it must see the reference path).
+        x: the module input; a decode step is [B, 1, H].
+        weight: a weight the kernels read (dtype and device must match x).
+    """
+    if not layout_ready or observing:
+        return False
+    if x.device.type == "cuda":
+        ok = kernels_on("cuda")
+    else:
+        ok = mode is KernelMode.ALWAYS and kernels_on("cpu")
+    max_batch = MAX_DECODE_BATCH if mode is KernelMode.ALWAYS else AUTO_MAX_BATCH
+    return (ok and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= max_batch
+            and x.dtype == weight.dtype and x.device == weight.device
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def kernel_activation(act_fn: nn.Module) -> str | None:
+    """The kernels' name for ``act_fn`` ("silu" or "gelu_tanh"), or None if it is neither.
+
+    Decided by evaluating the module, not by its class name: families wrap the same function
+    in different classes (SiLU, SiLUActivation, GELUTanh, PytorchGELUTanh ...).
+    """
+    probe = torch.linspace(-8.0, 8.0, 257)
+    try:
+        with torch.no_grad():
+            out = act_fn(probe)
+    except Exception:  # noqa: BLE001 - any module that cannot run on a CPU probe is unknown
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return None
+    for name, ref in (("silu", F.silu(probe)), ("gelu_tanh", F.gelu(probe, approximate="tanh"))):
+        if torch.allclose(out.float(), ref, rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is the plain affine map on its own float weight.
+
+    Adapter wrappers (peft's LoRA layers) and quantized linears are excluded: the kernels read
+    ``weight`` directly, so a module that adds anything to it must keep its own forward.
+    """
+    return (type(module) is nn.Linear
+            and module.weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not module._forward_hooks and not module._forward_pre_hooks)

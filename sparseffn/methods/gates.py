@@ -1,0 +1,41 @@
+"""The runtime gate shared by the criteria that threshold |act(gate(x))| per neuron."""
+from __future__ import annotations
+
+import torch
+
+from sparseffn import decode
+from sparseffn.modules import ACT_SITE, NeuronGate, SparseGatedMLP, above, own_copy, set_buffer
+
+
+class ActThresholdGate(NeuronGate):
+    """Neuron i is active when |act(gate(x))_i| > threshold_i (threshold float32 [] or [I]).
+
+    Decode plan: ``sparse_gate_up`` reads the gate densely and the up rows of active neurons,
+    then ``input_sparse_gemv`` reads only the down rows of neurons with h != 0 (down stored
+    input-major).
+    """
+
+    def __init__(self, threshold: torch.Tensor, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("value", own_copy(threshold, device))
+
+    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return above(act.abs(), self.value)
+
+    def threshold(self) -> torch.Tensor:
+        return self.value
+
+    def set_threshold(self, value: torch.Tensor) -> None:
+        set_buffer(self, "value", value)
+
+    def act_threshold(self) -> torch.Tensor:
+        return self.value
+
+    def has_decode_plan(self, kernel_act: str | None) -> bool:
+        return kernel_act is not None
+
+    def decode(self, mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
+        w_gate, w_up = mlp.gate_up_weights()
+        h = decode.gated_act(x, w_gate, w_up, self.value, mlp.kernel_act)
+        mlp.count(ACT_SITE, h != 0)  # an active neuron with h == 0 adds nothing
+        return decode.down_nonzero(h, mlp.base.down_proj.weight, mlp.zero)

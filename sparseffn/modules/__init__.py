@@ -1,0 +1,8 @@
+"""Sparse drop-in modules that wrap a model's own projections and MLP (the reference path,
+with the kernel path on decode steps; see ``sparseffn.dispatch``)."""
+from sparseffn.modules.base import SiteCounter, SparseModule, above, own_copy, set_buffer
+from sparseffn.modules.linear import InputGroup, SparseLinear
+from sparseffn.modules.mlp import ACT_SITE, NeuronGate, SparseGatedMLP
+
+__all__ = ["ACT_SITE", "InputGroup", "NeuronGate", "SiteCounter", "SparseGatedMLP",
+           "SparseLinear", "SparseModule", "above", "own_copy", "set_buffer"]

@@ -1,0 +1,155 @@
+"""The base of every sparse module: the wrapped original, thresholds, counters, observation.
+
+A sparse module keeps the original module as ``base`` (undo is putting ``base`` back) and holds
+its thresholds as float32 buffers ``threshold_{site}``, so a forward pass never leaves the device
+to decide what is active. Threshold tests are strict: an input (or neuron) is active when its
+magnitude is ``> threshold``, so a zero threshold keeps everything but exact zeros.
+
+Every gated site counts active and total entries (int64 buffers, updated on the device) for
+measured-sparsity reports; ``track = False`` turns counting off. During calibration an
+``observe(signal, value)`` callback sees each gated quantity before its mask, so thresholds are
+fitted on exactly what they are compared with at run time (upstream sparsity included).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sparseffn import layout
+from sparseffn.dispatch import KernelMode, kernels_on, use_kernels, wants_layout
+
+
+class SiteCounter(nn.Module):
+    """Active/total counts of one gated site, plus the weight elements it covers."""
+
+    def __init__(self, covered_elements: int, device: torch.device) -> None:
+        super().__init__()
+        self.covered_elements = covered_elements
+        for name in ("active", "total"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device),
+                                 persistent=False)
+
+    def count(self, mask: torch.Tensor) -> None:
+        self.active += mask.sum()
+        self.total += mask.numel()
+
+    def reset(self) -> None:
+        self.active.zero_()
+        self.total.zero_()
+
+
+def above(magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``magnitude > threshold`` compared in fp32, as the kernels compare.
+
+    A 0-dim threshold would be rounded to a bf16/fp16 ``magnitude``'s dtype first (0-dim
+    tensors do not take part in type promotion); as a [1] tensor it promotes the comparison.
+    """
+    return magnitude > (threshold if threshold.dim() else threshold.reshape(1))
+
+
+def own_copy(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy on ``device`` that shares no memory with ``value`` (thresholds are
+    updated in place, which must never reach the Calibration they came from)."""
+    return value.detach().to(device=device, dtype=torch.float32, copy=True)
+
+
+def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a threshold buffer, in place when the shape allows: a compiled model (and its CUDA
+    graphs) keeps reading the same tensor, so a new sparsity level needs no recompilation."""
+    old = getattr(module, name)
+    value = own_copy(value, old.device)
+    if value.shape == old.shape:
+        with torch.no_grad():
+            old.copy_(value)
+    else:
+        setattr(module, name, value)
+
+
+class SparseModule(nn.Module):
+    """Base of the sparse wrappers (``SparseLinear``, ``SparseGatedMLP``).
+
+    Attributes:
+        base: the original module.
+        counters: one ``SiteCounter`` per gated site, in site order.
+        track: count active entries in forward passes.
+        observe: None, or the calibration callback ``(signal, value)``.
+        kernel_mode: where decode steps run the kernels (``set_kernel_mode``).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.counters = nn.ModuleDict()
+        self.track = True
+        self.observe: Callable[[str, torch.Tensor], None] | None = None
+        self.kernel_mode = KernelMode.AUTO
+        self._layout_ready = False
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self.counters)
+
+    def add_site(self, site: str, threshold: torch.Tensor | None, covered_elements: int,
+                 device: torch.device) -> None:
+        """Gate ``site``: a counter, and a threshold buffer unless the site keeps its own."""
+        self.counters[site] = SiteCounter(covered_elements, device)
+        if threshold is not None:
+            self.register_buffer(f"threshold_{site}", own_copy(threshold, device))
+
+    def threshold(self, site: str) -> torch.Tensor | None:
+        return getattr(self, f"threshold_{site}", None)
+
+    def set_threshold(self, site: str, value: torch.Tensor) -> None:
+        """Set one site's threshold in place (see ``set_buffer``)."""
+        if site not in self.counters:
+            raise KeyError(f"site {site!r} is not gated by this module (sites: {self.sites})")
+        set_buffer(self, f"threshold_{site}", value)
+
+    def count(self, site: str, mask: torch.Tensor) -> None:
+        if self.track:
+            self.counters[site].count(mask)
+
+    def overhead_elements(self) -> int:
+        """Weight elements every decode step reads on top of the base module's (e.g. neuron
+        predictors); subtracted from the bytes a report calls skipped."""
+        return 0
+
+    # --- kernel path -------------------------------------------------------------------------
+
+    def kernel_linears(self) -> list[nn.Module]:
+        """Projections the kernels read input-major (empty: no kernel plan)."""
+        return []
+
+    def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
+        """Choose the policy and lay the weights out for it.
+
+        The weights are re-laid out only where the kernels can run (ALWAYS, or CUDA weights
+        under AUTO); elsewhere they get their original layout back, so the reference path stays
+        bit-equal to the unpatched model, unless ``keep_layout``: then the reference path runs
+        on the kernels' layout, which makes its prefill bit-equal to the kernel path's (for
+        checks that compare the two). A model moved to the GPU after patching needs this call
+        again.
+        """
+        mode = KernelMode.parse(mode)
+        self.kernel_mode = mode
+        kernels_on("cuda"), kernels_on("cpu")  # cache availability now, not inside a compile
+        linears = self.kernel_linears()
+        use = wants_layout(mode, [lin.weight for lin in linears])
+        for lin in linears:
+            if use:
+                layout.make_input_major(lin)
+            elif not keep_layout:
+                layout.restore(lin)
+        self._layout_ready = bool(linears) and use and all(
+            layout.is_input_major(lin.weight) for lin in linears)
+
+    def restore_layout(self) -> None:
+        for lin in self.kernel_linears():
+            layout.restore(lin)
+
+    def use_kernels(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call takes the kernel path (``sparseffn.dispatch.use_kernels``)."""
+        return use_kernels(self.kernel_mode, self._layout_ready, self.observe is not None, x,
+                           weight)

@@ -1,0 +1,195 @@
+"""A gated MLP, down(act(gate(x)) * up(x)), with sparsity at its input sites and its neurons."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseffn import decode
+from sparseffn.dispatch import is_plain_linear, kernel_activation
+from sparseffn.families import FamilySpec, activation, gate_and_up
+from sparseffn.modules.base import SparseModule, above
+
+#: The site of the FFN neurons: neuron i off skips its up row and down column (and under a
+#: predictor its gate row).
+ACT_SITE = "act"
+
+
+class NeuronGate(nn.Module):
+    """Chooses each token's active FFN neurons; a method's runtime gate (``sparseffn.methods``).
+
+    A gate owns its threshold (or whatever plays that part, such as top-k's fraction) and
+    implements the two paths: ``mask`` on the reference path and ``decode`` on the kernel path.
+    """
+
+    #: Weight rows (of hidden width) a skipped neuron saves: its up row and down column, plus
+    #: its gate row where the gate decides without computing gate(x).
+    rows_per_neuron: int = 2
+
+    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Active neurons, bool [..., I], from the MLP input x [..., H] and act(gate(x))."""
+        raise NotImplementedError
+
+    def threshold(self) -> torch.Tensor:
+        """The current threshold (float32 [] or [I])."""
+        raise NotImplementedError
+
+    def set_threshold(self, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def act_threshold(self) -> torch.Tensor | None:
+        """The threshold on |act(gate(x))| if that is how this gate decides, else None (what
+        fine-tuning takes as the zero tolerance of each neuron)."""
+        return None
+
+    def has_decode_plan(self, kernel_act: str | None) -> bool:
+        """Whether ``decode`` can run for an MLP whose activation the kernels call
+        ``kernel_act`` (None: an activation the kernels do not implement)."""
+        return False
+
+    def decode(self, mlp: "SparseGatedMLP", x: torch.Tensor) -> torch.Tensor:
+        """The MLP's decode step through the kernels: x [B, H] -> y [B, H]; counts its site."""
+        raise NotImplementedError
+
+    def overhead_elements(self) -> int:
+        return 0
+
+
+class SparseGatedMLP(SparseModule):
+    """A gated MLP with sparsity at its sites (any subset).
+
+    Sites:
+        input sites ``gate_proj``/``up_proj``/``gate_up_proj``/``down_proj``: that projection's
+            input channels are gated (TEAL, WINA);
+        ``act``: ``neuron_gate`` picks each token's active neurons (CATS, CHESS, top-k,
+            predictors); an inactive neuron skips its up row and down column.
+
+    Decode plans (decided once, at patch time): with a neuron gate and no other site, the
+    gate's own (``NeuronGate.decode``); with input sites only, ``input_sparse_gemv`` for every
+    gated projection (gate and up, which read the same x, in one grouped launch) and dense
+    ``F.linear`` for ungated ones.
+    """
+
+    def __init__(self, base: nn.Module, spec: FamilySpec, thresholds: dict[str, torch.Tensor],
+                 neuron_gate: NeuronGate | None = None) -> None:
+        super().__init__(base)
+        self.spec = spec
+        device = base.down_proj.weight.device
+        hidden, inter = base.down_proj.weight.shape
+        self.intermediate_size = inter
+        self.neuron_gate = neuron_gate
+        for site, value in thresholds.items():
+            if site == ACT_SITE:
+                raise ValueError("the 'act' site is gated by a NeuronGate, not a threshold")
+            covered = getattr(base, site).weight.numel()
+            self.add_site(site, value, covered, device)
+        if neuron_gate is not None:
+            self.add_site(ACT_SITE, None, neuron_gate.rows_per_neuron * inter * hidden, device)
+        self.register_buffer("zero", torch.zeros((), device=device), persistent=False)
+        # Probed only where a neuron gate's plan needs it (evaluating the activation module
+        # would also reach a fine-tuning probe that stands in for it).
+        self.kernel_act = (kernel_activation(activation(spec, base))
+                           if neuron_gate is not None else None)
+        self.plan = self._kernel_plan()
+
+    def _kernel_plan(self) -> str | None:
+        """"gate" (the neuron gate's plan), "input" or None (no kernel path)."""
+        linears = [getattr(self.base, name) for name in (*self.spec.mlp_in, "down_proj")]
+        if not all(is_plain_linear(lin) for lin in linears):
+            return None
+        if self.neuron_gate is None:
+            return "input"
+        if self.sites != (ACT_SITE,) or any(lin.bias is not None for lin in linears):
+            return None
+        return "gate" if self.neuron_gate.has_decode_plan(self.kernel_act) else None
+
+    def kernel_linears(self) -> list[nn.Module]:
+        if self.plan == "gate":
+            return [self.base.down_proj]
+        if self.plan == "input":
+            return [getattr(self.base, site) for site in self.sites]
+        return []
+
+    def threshold(self, site: str) -> torch.Tensor | None:
+        if site == ACT_SITE and self.neuron_gate is not None:
+            return self.neuron_gate.threshold()
+        return super().threshold(site)
+
+    def set_threshold(self, site: str, value: torch.Tensor) -> None:
+        if site == ACT_SITE and self.neuron_gate is not None:
+            self.neuron_gate.set_threshold(value)
+        else:
+            super().set_threshold(site, value)
+
+    def overhead_elements(self) -> int:
+        return 0 if self.neuron_gate is None else self.neuron_gate.overhead_elements()
+
+    def gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_gate [I, H], W_up [I, H]), views of a fused weight where the family fuses them."""
+        if self.spec.fused_gate_up:
+            return self.base.gate_up_proj.weight.chunk(2, dim=0)
+        return self.base.gate_proj.weight, self.base.up_proj.weight
+
+    def act_fn(self) -> nn.Module:
+        return activation(self.spec, self.base)
+
+    def _gate_input(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        t = super().threshold(site)
+        if t is None:
+            return x
+        mask = above(x.abs(), t)
+        self.count(site, mask)
+        return torch.where(mask, x, 0)
+
+    def _decode_inputs(self, x2: torch.Tensor) -> torch.Tensor:
+        """The "input" plan: x [B, H] -> y [B, H]."""
+        base, t = self.base, super().threshold
+        if self.track:
+            for site in self.sites:
+                if site != "down_proj":
+                    self.counters[site].count(above(x2.abs(), t(site)))
+        if self.spec.fused_gate_up:
+            gu = base.gate_up_proj
+            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj")).chunk(2, -1)
+        elif t("gate_proj") is not None and t("up_proj") is not None:
+            gp, up_ = base.gate_proj, base.up_proj
+            gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight], [gp.bias, up_.bias],
+                                             [t("gate_proj"), t("up_proj")])
+        else:
+            gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias, t("gate_proj"))
+            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"))
+        h = self.act_fn()(gate) * up
+        if self.track and t("down_proj") is not None:
+            self.counters["down_proj"].count(above(h.abs(), t("down_proj")))
+        down = base.down_proj
+        return decode.linear(h, down.weight, down.bias, t("down_proj"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        if self._layout_ready and self.use_kernels(x, self.base.down_proj.weight):
+            x2 = x.reshape(x.shape[0], x.shape[-1])
+            y = self.neuron_gate.decode(self, x2) if self.plan == "gate" \
+                else self._decode_inputs(x2)
+            return y.reshape(x.shape[0], 1, y.shape[-1])
+        observe = self.observe
+        if observe is not None:
+            observe("mlp_in", x)
+        x_gate = self._gate_input(x, self.spec.mlp_in[0])
+        x_up = x_gate if self.spec.fused_gate_up else self._gate_input(x, "up_proj")
+        gate, up = gate_and_up(self.spec, self.base, x_gate, x_up)
+        act = self.act_fn()(gate)
+        if observe is not None:
+            observe("act", act)
+            observe("up", up)
+        if self.neuron_gate is not None:
+            mask = self.neuron_gate.mask(x, act)
+            self.count(ACT_SITE, mask)
+            h = torch.where(mask, act * up, 0)
+        else:
+            h = act * up
+        if observe is not None:
+            observe("down_in", h)
+        return self.base.down_proj(self._gate_input(h, "down_proj"))
+
+    def extra_repr(self) -> str:
+        return (f"sites={self.sites}, decode_plan={self.plan}, "
+                f"kernel_mode={self.kernel_mode.value}")
