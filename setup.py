@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="Activation sparsity (TEAL, CATS, CHESS, WINA, top-k) for Hugging Face models, "
     "with Triton kernels that skip inactive weights during decoding",
-    packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*", "bench*"]),
+    # bench/ and scripts/ run from the source checkout; they are not installed.
+    packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -43,7 +43,8 @@ class KernelMode(str, Enum):
             return cls(value)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
-            raise SparseFFNError(f"kernel_mode must be one of {choices}, got {value!r}") from None
+            raise SparseFFNError(f"kernel mode (kernel_mode=) must be one of {choices}, got "
+                                 f"{value!r}") from None
 
 
 #: Largest number of sequences a decode step sends to the kernels under ALWAYS.

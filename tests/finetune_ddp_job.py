@@ -20,7 +20,7 @@ from sparseffn.data import load_texts
 from sparseffn.finetune import training_windows
 from sparseffn.finetune.recipe import FinetuneConfig, finetune
 from sparseffn.models import builtin_model_path
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 
 def main(out: Path) -> None:

@@ -15,11 +15,11 @@ import sparseffn
 from sparseffn import decode, layout
 from sparseffn.modules import SparseGatedMLP, SparseLinear
 from sparseffn.patching import install
-from bench.e2e.harness import teacher_forced_logits as decode_logits
-from tests.conftest import tiny_model
+from sparseffn.testing import teacher_forced_logits as decode_logits
+from sparseffn.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(
-    not (sparseffn.modules.kernels_on("cuda") or sparseffn.modules.kernels_on("cpu")),
+    not (sparseffn.dispatch.kernels_on("cuda") or sparseffn.dispatch.kernels_on("cpu")),
     reason="needs CUDA or Triton in interpreter mode")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +118,7 @@ def test_layout_in_place_no_extra_memory_and_undo():
     sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all",
                        kernel_mode="always", **CALIB)
     wrappers = [m for m in model.modules() if isinstance(m, (SparseGatedMLP, SparseLinear))]
-    converted = [lin for w in wrappers for lin in w._kernel_linears()]
+    converted = [lin for w in wrappers for lin in w.kernel_linears()]
     assert len(converted) == 2 * 7  # every gated projection of both layers
     assert all(layout.is_input_major(lin.weight) for lin in converted)
     assert _storage_bytes(model) == nbytes  # rewritten in place, no second copy
@@ -221,14 +221,14 @@ def test_group_member_called_alone_is_still_right():
     k_alone = attn.k_proj(x)
     q = attn.q_proj(x)  # starts a group launch for x
     k_grouped, v = attn.k_proj(x), attn.v_proj(x)
-    k_ref = attn.k_proj.base(torch.where(x.abs() > attn.k_proj.threshold, x, 0))
+    k_ref = attn.k_proj.base(torch.where(x.abs() > attn.k_proj.threshold("k_proj"), x, 0))
     torch.testing.assert_close(k_alone, k_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(k_grouped, k_ref, rtol=1e-4, atol=1e-4)
     assert q.shape[-1] == attn.q_proj.base.out_features and v.shape == k_ref.shape
     other = torch.randn_like(x)
     attn.q_proj(x)
     torch.testing.assert_close(  # a different tensor: not the stored result for x
-        attn.k_proj(other), attn.k_proj.base(torch.where(other.abs() > attn.k_proj.threshold,
+        attn.k_proj(other), attn.k_proj.base(torch.where(other.abs() > attn.k_proj.threshold("k_proj"),
                                                          other, 0)), rtol=1e-4, atol=1e-4)
 
 

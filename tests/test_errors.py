@@ -10,7 +10,7 @@ import transformers
 import sparseffn
 from sparseffn.errors import (CalibrationError, PatchStateError, SparseFFNError,
                               UnsupportedModelError)
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 CALIB = dict(n_tokens=2048, seq_len=256, progress=False)
 

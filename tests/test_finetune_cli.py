@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import sparseffn
 from sparseffn.cli import main
 from sparseffn.finetune.probe import ActivationProbe
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 FAST = ["--data", "pydoc", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
         "--calib-tokens", "1024", "--no-progress"]

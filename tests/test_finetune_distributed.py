@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

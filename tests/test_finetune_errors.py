@@ -13,7 +13,7 @@ from sparseffn.finetune import (ConstantSchedule, DensityLoss, FinetuneError, Fi
                                 ReluSubstitution, SparsityRegularization, apply_lora,
                                 training_texts, training_windows)
 from sparseffn.finetune.recipe import FinetuneConfig
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 
 def test_progressive_schedule_warms_up_then_climbs_sine_stages():

@@ -12,7 +12,7 @@ import sparseffn
 from sparseffn.families import family_of
 from sparseffn.finetune import (adapter_projections, apply_lora, default_lora_targets,
                                 lora_target_modules, merge_lora, unwrap_model)
-from tests.conftest import TINY_FAMILIES, tiny_model
+from sparseffn.testing import TINY_FAMILIES, tiny_model
 
 CALIB = dict(n_tokens=2048, seq_len=256, progress=False)
 PREFIX = "base_model.model."

@@ -13,7 +13,7 @@ from sparseffn.finetune import (ConstantSchedule, DensityLoss, FixedThreshold, P
                                 ProgressiveSchedule, ReluSubstitution, ShiftedReLU,
                                 SparsityRegularization, training_windows)
 from sparseffn.finetune.probe import ActivationProbe
-from tests.conftest import TINY_FAMILIES, tiny_model
+from sparseffn.testing import TINY_FAMILIES, tiny_model
 
 STEPS, BATCH, SEQ = 8, 2, 32
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparseffn
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 CALIB = dict(n_tokens=1024, progress=False)
 

@@ -6,7 +6,7 @@ import torch
 
 import sparseffn
 from sparseffn.modules import SparseGatedMLP, SparseLinear
-from tests.conftest import TINY_FAMILIES, tiny_model
+from sparseffn.testing import TINY_FAMILIES, tiny_model
 
 CALIB = dict(n_tokens=2048, seq_len=256, progress=False)
 METHOD_SCOPES = [("teal", "mlp"), ("teal", "all"), ("wina", "all"), ("cats", "mlp"),

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import sparseffn
-from calibrate.artifact import TENSORS_NAME, Calibration
+from calibrate.artifact import TENSORS_NAME
 from calibrate.predictor import default_rank, keep_count
 from sparseffn.errors import CalibrationError, SparseFFNError
 from sparseffn.modules import SparseGatedMLP
-from tests.conftest import tiny_model
+from sparseffn.testing import tiny_model
 
 IDS = torch.randint(3, 1000, (16, 256), generator=torch.Generator().manual_seed(0))
 CALIB = dict(n_tokens=4096, progress=False)
@@ -39,10 +39,11 @@ def heldout_recall(model, ids: torch.Tensor, untrained: bool = False) -> float:
         k = keep_count(mlp.intermediate_size, 0.5)
         truth = (act * up).abs().topk(k, dim=-1).indices
         if untrained:
-            a, b = (torch.randn(p.shape, generator=g) for p in (mlp.pred_a, mlp.pred_b))
+            gate = mlp.neuron_gate
+            a, b = (torch.randn(p.shape, generator=g) for p in (gate.pred_a, gate.pred_b))
             scores = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
         else:
-            scores = mlp.predictor_scores(x)
+            scores = mlp.neuron_gate.scores(x)
         pred = scores.topk(k, dim=-1).indices
         hit = torch.zeros_like(act, dtype=torch.bool).scatter_(-1, truth, True)
         got.append(float(hit.gather(-1, pred).float().mean()))
@@ -78,7 +79,7 @@ def test_measured_sparsity_near_target_and_bytes_net_of_the_predictor():
     # gate, up and down rows of inactive neurons, less the predictor's own weights
     mlp = mlps(model)[0]
     per_layer = 3 * inter * model.config.hidden_size
-    expected = report.overall - (mlp.pred_a.numel() + mlp.pred_b.numel()) / per_layer
+    expected = report.overall - (mlp.neuron_gate.pred_a.numel() + mlp.neuron_gate.pred_b.numel()) / per_layer
     assert report.ffn_bytes_skipped == pytest.approx(expected, rel=1e-6)
 
 
@@ -93,8 +94,8 @@ def test_save_load_keeps_the_predictors_and_the_function(tmp_path):
     sparseffn.unsparsify(model)
     sparseffn.sparsify(model, calibration=tmp_path / "calib")
     loaded = sparseffn.get_calibration(model)
-    assert loaded.predictors.keys() == cal.predictors.keys()
-    assert all(torch.equal(loaded.predictors[k], cal.predictors[k]) for k in cal.predictors)
+    assert loaded.extras.keys() == cal.extras.keys()
+    assert all(torch.equal(loaded.extras[k], cal.extras[k]) for k in cal.extras)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, first)
 
@@ -115,10 +116,10 @@ def test_artifact_missing_a_layers_predictor_is_refused(tmp_path):
     sparseffn.sparsify(model, "predictor", 0.5, IDS, **CALIB)
     path = sparseffn.save_calibration(model, tmp_path / "calib")
     tensors = load_file(str(path / TENSORS_NAME))
-    del tensors["predictors.layers.1.a"], tensors["predictors.layers.1.b"]
+    del tensors["extras.layers.1.a"], tensors["extras.layers.1.b"]
     save_file(tensors, str(path / TENSORS_NAME))
-    with pytest.raises(CalibrationError, match="predictors do not cover every layer"):
-        Calibration.load(path)
+    with pytest.raises(CalibrationError, match="layers.1.a"):
+        sparseffn.load_calibration(path)
 
 
 def test_bad_predictor_settings_are_refused():
@@ -136,4 +137,4 @@ def test_rank_follows_the_hidden_size_and_can_be_set():
     config = sparseffn.SparsityConfig(method="predictor", sparsity=0.5, predictor_rank=8,
                                       predictor_epochs=1)
     sparseffn.sparsify(model, calibration=IDS, config=config, **CALIB)
-    assert mlps(model)[0].pred_a.shape == (8, model.config.hidden_size)
+    assert mlps(model)[0].neuron_gate.pred_a.shape == (8, model.config.hidden_size)

@@ -7,13 +7,8 @@ kernels were built for a GPU and every CPU kernel test would be skipped: fail lo
 """
 import os
 import sys
-from pathlib import Path
 
 import torch
-
-# The sweep smoke test imports ``bench.kernels``, which is not an installed package: make the
-# repository root importable however pytest is started.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testlib import assert_within, gemv_bound, nan_like, out_ulps, weight
-from triton_kernels import _input_sparse_kernel as isk, _output_sparse_kernel as osk
-from triton_kernels import gated_mlp, input_sparse, output_sparse
+from triton_kernels.gated_mlp import kernel as gmk, op as gated_mlp
+from triton_kernels.input_sparse import kernel as isk, op as input_sparse
+from triton_kernels.output_sparse import kernel as osk, op as output_sparse
+from triton_kernels.testing import assert_within, gemv_bound, nan_like, out_ulps, weight
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -25,8 +26,8 @@ def test_input_sparse_candidates(batch, dtype):
     ref = xa @ w_t.double()
     bound = gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype)
     for cfg in isk.candidates(batch, K, N, SM):
-        y = input_sparse._triton_impl(x, w_t, thr, config=cfg,
-                                      out=nan_like((batch, N), dtype, "cuda"))
+        y = input_sparse.triton_impl(x, w_t, thr, config=cfg,
+                                     out=nan_like((batch, N), dtype, "cuda"))
         assert_within(y, ref, bound, str(cfg))
 
 
@@ -39,8 +40,8 @@ def test_output_sparse_candidates(batch, dtype):
     ref = torch.where(mask, x.double() @ w.double().t(), 0.0)
     bound = gemv_bound(ref, x.double().abs() @ w.double().abs().t(), dtype)
     for cfg in osk.candidates(batch, N, K):
-        y = output_sparse._triton_impl(x, w, mask, config=cfg,
-                                       out=nan_like((batch, N), dtype, "cuda"))
+        y = output_sparse.triton_impl(x, w, mask, config=cfg,
+                                      out=nan_like((batch, N), dtype, "cuda"))
         assert_within(y, ref, bound, str(cfg))
 
 
@@ -58,7 +59,7 @@ def test_gate_up_candidates(batch):
     ref = h @ wd_t.double()
     # h may be one bf16 ulp off where g*u rounds differently; that error goes through |w_down|.
     bound = out_ulps(dtype) * (ref.abs() + 2 * (h.abs() @ wd_t.double().abs())) + 2.0**-24
-    for cfg in osk.candidates(batch, I, H):
-        y = gated_mlp._triton_impl(x, wg, wu, wd_t, mask=mask, config=cfg,
-                                   out=nan_like((batch, H), dtype, "cuda"))
+    for cfg in gmk.candidates(batch, I, H):
+        y = gated_mlp.triton_impl(x, wg, wu, wd_t, mask=mask, config=cfg,
+                                  out=nan_like((batch, H), dtype, "cuda"))
         assert_within(y, ref, bound, str(cfg))

@@ -1,7 +1,7 @@
 """sparse_gated_mlp's Triton kernels against a float64 reference of the same math.
 
-Bounds (on top of kernel_testlib's): the kernel's h = round(g * u) comes from fp32 gate/up sums
-rounded to the dtype (gate, act(gate) and up, as the dense module rounds them), so
+Bounds (on top of triton_kernels.testing's): the kernel's h = round(g * u) comes from fp32 gate/up
+sums rounded to the dtype (gate, act(gate) and up, as the dense module rounds them), so
 |h - h_ref| <= its rounding + |g| * err(u) + |u| * err(g), with err(u) = ACC * sum|up terms| +
 ulp * |u| and err(g) = 1.2 * (ACC * sum|gate terms| + ulp * |gate|) + ulp * |g| (1.2 > the
 largest slope of SiLU and tanh-GELU); that error reaches y through |w_down|. A neuron whose |g|
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_testlib import (ACC, DTYPE_IDS, DTYPES, assert_within, devices, nan_like, out_ulps,
-                            rows_with_tokens, weight)
 from triton_kernels import LaunchConfig
-from triton_kernels.gated_mlp import _triton_impl
+from triton_kernels.gated_mlp.op import triton_impl
+from triton_kernels.testing import (ACC, DTYPE_IDS, DTYPES, assert_within, devices, nan_like,
+                                    out_ulps, rows_with_tokens, weight)
 
 # (criterion, activation, (H, I), forced gate/up config, forced down config) on the CPU.
 CPU_CASES = [
@@ -85,7 +85,7 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     active = g.abs() > thr.double() if thr is not None else mask
     either_way = ((g.abs() - thr.double()).abs() <= gate_err if thr is not None
                   else torch.zeros_like(active))
-    y = _triton_impl(x, w_gate, w_up, w_down_t, thr, mask, act, config=cfg,
+    y = triton_impl(x, w_gate, w_up, w_down_t, thr, mask, act, config=cfg,
                      down_config=down_cfg, out=nan_like((batch, H), dtype, device))
     h_ref = torch.where(active, g * u, 0.0).to(dtype).double()
     h_err = torch.where(active, out_ulps(dtype) * h_ref.abs() + g.abs() * up_err
@@ -107,7 +107,7 @@ def test_large_batch_and_broadcast_threshold(device):
     xd, wg, wu, wd = (t.double() for t in (x, w_gate, w_up, w_down_t))
     g, u, gate_err, _ = _exact_and_errors(xd, wg, wu, "silu", dtype)
     thr, _ = make_criterion(g, "channel", 0.5)
-    y = _triton_impl(x, w_gate, w_up, w_down_t, thr, out=nan_like((B, H), dtype, device))
+    y = triton_impl(x, w_gate, w_up, w_down_t, thr, out=nan_like((B, H), dtype, device))
     h_ref = torch.where(g.abs() > thr.double(), g * u, 0.0).to(dtype).double()
     ref = h_ref @ wd
     # h may differ by a few ulps of fp16 where g, u and g*u round differently, and a neuron

@@ -1,5 +1,5 @@
-"""input_sparse_gemv's Triton kernel against its float64 reference (see kernel_testlib for the
-error bounds). CPU cases run under the interpreter at small odd shapes with forced configs that
+"""input_sparse_gemv's Triton kernel against its float64 reference (see triton_kernels.testing
+for the error bounds). CPU cases run under the interpreter at small odd shapes with forced configs that
 cover both the direct store (one K range) and the partial sums of several K ranges; CUDA cases
 run the tuned configs at real model shapes."""
 from __future__ import annotations
@@ -7,12 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testlib import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound, nan_like,
-                            rows_with_tokens, weight)
-from bench.kernels.anatomy import VARIANTS
-from bench.kernels.cases import switched
 from triton_kernels import LaunchConfig, input_sparse_gemv_ref
-from triton_kernels.input_sparse import _triton_impl
+from triton_kernels.input_sparse.op import triton_impl
+from triton_kernels.testing import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound,
+                                    nan_like, rows_with_tokens, weight)
 
 # (threshold kind, (K, N), forced config on the CPU); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
@@ -67,7 +65,7 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     active = x.float().abs() > thr if thr is not None else mask
     if kind in ("scalar", "token"):
         assert abs(1.0 - active.double().mean().item() - sparsity) <= 0.02 + 1.0 / K
-    y = _triton_impl(x, w_t, thr, mask, config=cfg, out=nan_like((batch, N), dtype, device))
+    y = triton_impl(x, w_t, thr, mask, config=cfg, out=nan_like((batch, N), dtype, device))
     xa = torch.where(active, x.double(), 0.0)
     ref = xa @ w_t.double()
     assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype),
@@ -81,7 +79,7 @@ def test_batch_beyond_one_launch(device):
     x = torch.randn(B, K, device=device).to(dtype)
     w_t = weight(K, N, dtype, device)
     thr = torch.full((B, 1), 0.8, device=device)
-    y = _triton_impl(x, w_t, thr, out=nan_like((B, N), dtype, device))
+    y = triton_impl(x, w_t, thr, out=nan_like((B, N), dtype, device))
     xa = torch.where(x.float().abs() > thr, x.double(), 0.0)
     ref = xa @ w_t.double()
     assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype), "B=17")
@@ -92,35 +90,28 @@ def test_all_inactive_gives_zeros(device):
     """Nothing active: no weight row is loaded and y is exactly zero (not NaN, not garbage)."""
     x = torch.randn(2, 431, device=device).to(torch.bfloat16)
     w_t = weight(431, 63, torch.bfloat16, device)
-    y = _triton_impl(x, w_t, threshold=torch.tensor(1e9, device=device),
+    y = triton_impl(x, w_t, threshold=torch.tensor(1e9, device=device),
                      out=nan_like((2, 63), torch.bfloat16, device))
     assert torch.equal(y, torch.zeros_like(y))
 
 
-#: Launch variants (bench.kernels.anatomy.VARIANTS) run under the interpreter; programmatic
-#: dependent launch exists on the GPU only, and the interpreter launches plainly.
-CPU_VARIANTS = ["default", "tempacc"]
-
-
 def _race_params() -> list:
-    """Every batch 1..8, both directions and every launch variant on the GPU; two cheap cases
-    of the interpreter's variants on the CPU."""
+    """Every batch 1..8 and both directions on the GPU; two cheap cases on the CPU."""
     out = []
     for dev in devices():
         cuda = dev.values[0] == "cuda"
         shapes = [(4096, 14336), (14336, 4096)] if cuda else [(431, 63)]
-        variants = list(VARIANTS) if cuda else CPU_VARIANTS
         for B in (range(1, 9) if cuda else (1, 4)):
-            out += [pytest.param(dev.values[0], B, K, N, v, id=f"{dev.id}-B{B}-{K}x{N}-{v}",
-                                 marks=dev.marks) for K, N in shapes for v in variants]
+            out += [pytest.param(dev.values[0], B, K, N, id=f"{dev.id}-B{B}-{K}x{N}",
+                                 marks=dev.marks) for K, N in shapes]
     return out
 
 
-@pytest.mark.parametrize("device,B,K,N,variant", _race_params())
-def test_split_repeated_calls_race_free(device, B, K, N, variant):
+@pytest.mark.parametrize("device,B,K,N", _race_params())
+def test_split_repeated_calls_race_free(device, B, K, N):
     """Many back-to-back launches that split K all match the reference (CUDA: real shapes).
     A single-kernel variant whose K ranges met through atomics and a last-program ticket passed
-    single calls but gave wrong sums now and then over 30 calls at batch 3-4 (docs/kernels.md):
+    single calls but gave wrong sums now and then over 30 calls at batch 3-4 (docs/history):
     repeat, don't sample."""
     calls = 30 if device == "cuda" else 3
     cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)
@@ -129,37 +120,26 @@ def test_split_repeated_calls_race_free(device, B, K, N, variant):
     thr = torch.zeros((), device=device)
     ref = x.double() @ w_t.double()
     bound = gemv_bound(ref, x.double().abs() @ w_t.double().abs(), torch.float16)
-    with switched(VARIANTS[variant]):
-        outs = [_triton_impl(x, w_t, thr, config=cfg,
-                             out=nan_like((B, N), torch.float16, device)) for _ in range(calls)]
+    outs = [triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), torch.float16, device))
+            for _ in range(calls)]
     for i, y in enumerate(outs):
         assert_within(y, ref, bound, f"call {i}")
 
 
-def _chain_params() -> list:
-    out = []
-    for dev in devices():
-        cuda = dev.values[0] == "cuda"
-        out += [pytest.param(dev.values[0], B, v, id=f"{dev.id}-B{B}-{v}", marks=dev.marks)
-                for B in (1, 4) for v in (VARIANTS if cuda else CPU_VARIANTS)]
-    return out
-
-
-@pytest.mark.parametrize("device,batch,variant", _chain_params())
-def test_chained_calls_read_the_previous_output(device, batch, variant):
-    """Each call's x is the previous call's y, issued back to back with no host sync. Under
-    programmatic dependent launch a GEMV may be scheduled while the kernel that writes its x
-    still runs; it must wait for it (a stale x fails the bound against the reference computed
-    from the y actually written)."""
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("batch", [1, 4])
+def test_chained_calls_read_the_previous_output(device, batch):
+    """Each call's x is the previous call's y, issued back to back with no host sync: a GEMV
+    that read x before the kernel writing it had finished would fail the bound against the
+    reference computed from the y actually written."""
     K = 4096 if device == "cuda" else 200
     cfg = None if device == "cuda" else LaunchConfig(16, 64, 64)
     w_t = weight(K, K, torch.float32, device) * 1.1  # keeps |x| about constant over the chain
     thr = torch.full((), 0.3, device=device)
     xs = [torch.randn(batch, K, device=device)]
-    with switched(VARIANTS[variant]):
-        for _ in range(20 if device == "cuda" else 3):
-            xs.append(_triton_impl(xs[-1], w_t, thr, config=cfg,
-                                   out=nan_like((batch, K), torch.float32, device)))
+    for _ in range(20 if device == "cuda" else 3):
+        xs.append(triton_impl(xs[-1], w_t, thr, config=cfg,
+                              out=nan_like((batch, K), torch.float32, device)))
     for i in range(1, len(xs)):
         # Against the threshold's own fp32 value, as the kernel compares: fp32(0.3) is
         # 0.3000000119, and an x equal to it is active against the literal 0.3 but not in the
@@ -168,13 +148,6 @@ def test_chained_calls_read_the_previous_output(device, batch, variant):
         ref = xa @ w_t.double()
         assert_within(xs[i], ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), torch.float32),
                       f"call {i}")
-
-
-def test_pdl_is_never_used_off_the_gpu(monkeypatch):
-    """The switch alone does not make CPU (interpreter) launches programmatic."""
-    from triton_kernels import _common
-    monkeypatch.setattr(_common, "PDL", True)
-    assert not _common.pdl_launch(torch.device("cpu"))
 
 
 def test_reference_equals_dense_at_zero_sparsity():
@@ -187,9 +160,9 @@ def test_reference_equals_dense_at_zero_sparsity():
 @pytest.mark.parametrize("device", devices())
 def test_persistent_accumulator_is_zero_after_each_call(device, monkeypatch):
     """The split-K sums go through one persistent buffer per size, which the finishing kernel
-    must leave zeroed: later calls on other inputs are then exact, and the temporary-buffer
-    scheme (persistent buffers off) gives the same y."""
-    from triton_kernels import _accumulator
+    must leave zeroed: later calls on other inputs are then exact, and a call that may not make
+    a buffer (first seen during a CUDA graph capture) gives the same y with a temporary one."""
+    from triton_kernels import accumulator
 
     dtype, B, K, N = torch.float16, 3, 431, 63
     cfg = None if device == "cuda" else LaunchConfig(16, 64, 128)  # 4 K ranges on the CPU
@@ -197,16 +170,16 @@ def test_persistent_accumulator_is_zero_after_each_call(device, monkeypatch):
     thr = torch.zeros((), device=device)
     for _ in range(3):
         x = torch.randn(B, K, device=device).to(dtype)
-        y = _triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
+        y = triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
         ref = x.double() @ w_t.double()
         assert_within(y, ref, gemv_bound(ref, x.double().abs() @ w_t.double().abs(), dtype),
                       "persistent")
-        buf = _accumulator.persistent(B * N, torch.device(device))
+        buf = accumulator.persistent(B * N, torch.device(device))
         assert buf is not None and torch.count_nonzero(buf) == 0, "accumulator left dirty"
-    monkeypatch.setattr(_accumulator, "ENABLED", False)
-    monkeypatch.setattr(_accumulator, "_BUFFERS", {})
-    y_temp = _triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
-    assert _accumulator.allocated() == {}, "buffers off: none may be made"
+    monkeypatch.setattr(accumulator, "_capturing", lambda device: True)
+    monkeypatch.setattr(accumulator, "_BUFFERS", {})
+    y_temp = triton_impl(x, w_t, thr, config=cfg, out=nan_like((B, N), dtype, device))
+    assert accumulator.allocated() == {}, "capturing: no buffer may be made"
     assert_within(y_temp, ref, gemv_bound(ref, x.double().abs() @ w_t.double().abs(), dtype),
                   "temporary")
 
@@ -214,15 +187,16 @@ def test_persistent_accumulator_is_zero_after_each_call(device, monkeypatch):
 def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
     """A launch that raises after partial sums landed must not poison the next call."""
     if not torch.cuda.is_available():
-        from triton_kernels import _common
-        if not _common.INTERPRET:
+        from triton_kernels import common
+        if not common.INTERPRET:
             pytest.skip("needs the Triton interpreter")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from triton_kernels import _accumulator, _input_sparse_kernel as kmod
+    from triton_kernels import accumulator
+    from triton_kernels.input_sparse import kernel as kmod
 
     B, K, N = 1, 431, 63
     x = torch.randn(B, K, device=device).to(torch.float16)
-    buf = _accumulator.persistent(B * N, x.device)
+    buf = accumulator.persistent(B * N, x.device)
 
     class Exploding:
         def __getitem__(self, grid):
@@ -234,7 +208,7 @@ def test_failed_launch_leaves_accumulator_zeroed(monkeypatch):
     monkeypatch.setattr(kmod, "_input_sparse_kernel", Exploding())
     w_t = weight(K, N, torch.float16, device)
     with pytest.raises(RuntimeError, match="launch failed"):
-        _triton_impl(x, w_t, torch.zeros((), device=device), config=LaunchConfig(16, 64, 128))
+        triton_impl(x, w_t, torch.zeros((), device=device), config=LaunchConfig(16, 64, 128))
     assert torch.count_nonzero(buf) == 0
 
 
@@ -252,7 +226,7 @@ def test_input_equal_to_its_threshold_is_inactive(device, batch):
     x[:, 0::3] = t  # exactly the threshold: inactive
     x[:, 1::3] = -above  # just above it in magnitude: active
     w_t = weight(K, N, torch.float32, device)
-    y = _triton_impl(x, w_t, t, config=LaunchConfig(16, 64, 64) if device == "cpu" else None,
+    y = triton_impl(x, w_t, t, config=LaunchConfig(16, 64, 64) if device == "cpu" else None,
                      out=nan_like((batch, N), torch.float32, device))
     on = x.abs() > t
     assert not on[:, 0::3].any() and on[:, 1::3].all()

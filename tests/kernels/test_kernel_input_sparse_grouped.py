@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import triton_kernels as tk
-from kernel_testlib import DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound, nan_like, weight
 from triton_kernels import LaunchConfig
-from triton_kernels.input_sparse import _grouped_triton_impl
+from triton_kernels.input_sparse.op import grouped_triton_impl
+from triton_kernels.testing import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound,
+                                    nan_like, weight)
 
 # (K, widths, forced CPU config)
 CPU_CASES = [
@@ -45,7 +46,7 @@ def test_grouped_matches_per_weight_reference(device, case, sparsity, batch, dty
     x = torch.randn(batch, K, device=device).to(dtype)
     w_ts = [weight(K, n, dtype, device) for n in widths]
     thrs = _thresholds(x, len(widths), sparsity)
-    y = _grouped_triton_impl(x, w_ts, thrs, config=cfg,
+    y = grouped_triton_impl(x, w_ts, thrs, config=cfg,
                              out=nan_like((batch, sum(widths)), dtype, device))
     col = 0
     for g, (w_t, t) in enumerate(zip(w_ts, thrs)):

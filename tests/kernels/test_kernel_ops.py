@@ -57,11 +57,13 @@ def test_cpu_ops_are_the_references_or_the_interpreted_kernels():
     op's own Triton entry point and matches the reference to rounding (fp16 outputs; the gated
     ops round gate and up to fp16, where another summation order may round one value the other
     way: 2 ulps)."""
-    from triton_kernels import gated_mlp, input_sparse, output_sparse
-    triton_entry = {"input_sparse_gemv": input_sparse._triton_impl,
-                    "output_sparse_gemv": output_sparse._triton_impl,
-                    "sparse_gated_mlp": gated_mlp._triton_impl,
-                    "sparse_gate_up": gated_mlp._gate_up_triton}
+    from triton_kernels.gated_mlp import op as gated_mlp
+    from triton_kernels.input_sparse import op as input_sparse
+    from triton_kernels.output_sparse import op as output_sparse
+    triton_entry = {"input_sparse_gemv": input_sparse.triton_impl,
+                    "output_sparse_gemv": output_sparse.triton_impl,
+                    "sparse_gated_mlp": gated_mlp.triton_impl,
+                    "sparse_gate_up": gated_mlp.gate_up_triton_impl}
     for name, (args, kwargs) in small_args().items():
         ref = getattr(tk, f"{name}_ref")(*args, **kwargs)
         got = getattr(tk, name)(*args, **kwargs)
@@ -105,10 +107,10 @@ def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
     (_, w_t), _ = small_args(dt, "cuda", H=H, I=I)["input_sparse_gemv"]
     (_, w, _), _ = small_args(dt, "cuda", H=H, I=I)["output_sparse_gemv"]
     w2, w_down_t = torch.randn_like(w) / H**0.5, w_t.t().contiguous()
-    from triton_kernels import _accumulator
+    from triton_kernels import accumulator
     fresh: dict = {}  # made anew inside the cudagraph trees' warm-up below (kept alive: _KEEP)
     _KEEP.append(fresh)
-    monkeypatch.setattr(_accumulator, "_BUFFERS", fresh)
+    monkeypatch.setattr(accumulator, "_BUFFERS", fresh)
     compiled = torch.compile(_all_ops, fullgraph=True, mode="reduce-overhead")
     for _ in range(4):  # warm-up, record, then replays
         x = torch.randn(1, H, device="cuda").to(dt)
@@ -117,11 +119,11 @@ def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
         torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
     # The persistent split-K accumulators must lie outside every graph pool (pool id (0, 0)).
     segments = torch.cuda.memory_snapshot()
-    for buf in _accumulator._BUFFERS.values():
+    for buf in accumulator._BUFFERS.values():
         seg = next(s for s in segments
                    if s["address"] <= buf.data_ptr() < s["address"] + s["total_size"])
         assert tuple(seg["segment_pool_id"]) == (0, 0), "accumulator allocated in a graph pool"
-    assert _accumulator._BUFFERS
+    assert accumulator._BUFFERS
 
 
 def test_validation_errors():
@@ -153,8 +155,8 @@ def test_validation_errors():
 def test_gate_up_then_down_is_the_fused_mlp(criterion):
     """sparse_gate_up's h, finished by input_sparse_gemv(h, w_down_t, threshold=0), computes
     what the fused op computes (both run the same two kernels), and h is NaN-free where written."""
-    from triton_kernels.gated_mlp import _gate_up_triton, _triton_impl
-    from triton_kernels.input_sparse import _triton_impl as input_sparse_triton
+    from triton_kernels.gated_mlp.op import gate_up_triton_impl, triton_impl
+    from triton_kernels.input_sparse.op import triton_impl as input_sparse_triton
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, I = 3, 63, 97
@@ -163,11 +165,11 @@ def test_gate_up_then_down_is_the_fused_mlp(criterion):
     w_down_t = (torch.randn(I, H, device=dev) / I**0.5).half()
     crit = ({"threshold": torch.full((I,), 0.1, device=dev)} if criterion == "threshold"
             else {"mask": torch.rand(B, I, device=dev) < 0.4})
-    h = _gate_up_triton(x, w, w2, **crit,
-                        out=torch.full((B, I), float("nan"), device=dev, dtype=torch.float16))
+    h = gate_up_triton_impl(x, w, w2, **crit,
+                            out=torch.full((B, I), float("nan"), device=dev, dtype=torch.float16))
     torch.testing.assert_close(h, tk.sparse_gate_up_ref(x, w, w2, **crit), rtol=2e-3, atol=2e-3)
     y = input_sparse_triton(h, w_down_t, threshold=torch.zeros((), device=dev))
-    torch.testing.assert_close(y, _triton_impl(x, w, w2, w_down_t, **crit), rtol=0, atol=2e-3)
+    torch.testing.assert_close(y, triton_impl(x, w, w2, w_down_t, **crit), rtol=0, atol=2e-3)
 
 
 def test_kernels_available():
@@ -179,7 +181,7 @@ def test_ops_run_with_the_input_device_current(monkeypatch):
     """Triton launches on the current device: every op entry makes x's CUDA device current
     (a model spread over GPUs calls layers on cuda:1 while cuda:0 is current). Checked on the
     CPU with a fake CUDA tensor and a recording device switch."""
-    from triton_kernels import _common
+    from triton_kernels import common
 
     seen = []
 
@@ -199,7 +201,7 @@ def test_ops_run_with_the_input_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Switch)
-    body = _common.on_input_device(lambda x, y: seen.append(("body", y)) or y)
+    body = common.on_input_device(lambda x, y: seen.append(("body", y)) or y)
     assert body(FakeX(), 7) == 7
     assert seen == [("enter", torch.device("cuda", 1)), ("body", 7), ("exit",)]
     seen.clear()
@@ -208,9 +210,9 @@ def test_ops_run_with_the_input_device_current(monkeypatch):
     cpu = torch.zeros(1)
     seen.clear()
     assert body(cpu, 9) == 9 and seen == [("body", 9)]
-    import triton_kernels.gated_mlp as g
-    import triton_kernels.input_sparse as i
-    import triton_kernels.output_sparse as o
-    for fn in (i._triton_impl, i._grouped_triton_impl, o._triton_impl, g._triton_impl,
-               g._gate_up_triton):
+    import triton_kernels.gated_mlp.op as g
+    import triton_kernels.input_sparse.op as i
+    import triton_kernels.output_sparse.op as o
+    for fn in (i.triton_impl, i.grouped_triton_impl, o.triton_impl, g.triton_impl,
+               g.gate_up_triton_impl):
         assert hasattr(fn, "__wrapped__"), f"{fn.__name__} lacks the device guard"

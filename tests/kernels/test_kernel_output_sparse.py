@@ -1,15 +1,16 @@
 """output_sparse_gemv's Triton kernel against its float64 reference: masked-off outputs must be
-exactly zero, the others within the bound of kernel_testlib. CPU cases run under the interpreter
-at small odd shapes with forced configs; CUDA cases run the tuned configs at real shapes."""
+exactly zero, the others within the bound of triton_kernels.testing. CPU cases run under the
+interpreter at small odd shapes with forced configs; CUDA cases run the tuned configs at real
+shapes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernel_testlib import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound, nan_like,
-                            rows_with_tokens, weight)
 from triton_kernels import LaunchConfig
-from triton_kernels.output_sparse import _triton_impl
+from triton_kernels.output_sparse.op import triton_impl
+from triton_kernels.testing import (DTYPE_IDS, DTYPES, assert_within, devices, gemv_bound,
+                                    nan_like, rows_with_tokens, weight)
 
 # ((N, K), forced config on the CPU, x layout); CUDA uses real shapes and tuned configs.
 CPU_CASES = [
@@ -44,7 +45,7 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     x = make_x(batch, K, dtype, device, layout)
     w = weight(N, K, dtype, device)
     mask = rows_with_tokens(batch, N, sparsity, device)
-    y = _triton_impl(x, w, mask, config=cfg, out=nan_like((batch, N), dtype, device))
+    y = triton_impl(x, w, mask, config=cfg, out=nan_like((batch, N), dtype, device))
     assert torch.equal(y[~mask], torch.zeros_like(y[~mask])), "masked-off outputs must be 0"
     full = x.double() @ w.double().t()
     ref = torch.where(mask, full, 0.0)
@@ -59,7 +60,7 @@ def test_broadcast_mask_and_large_batch(device):
     x = torch.randn(B, K, device=device).to(dtype)
     w = weight(N, K, dtype, device)
     mask = torch.rand(N, device=device) < 0.3
-    y = _triton_impl(x, w, mask, out=nan_like((B, N), dtype, device))
+    y = triton_impl(x, w, mask, out=nan_like((B, N), dtype, device))
     ref = torch.where(mask, x.double() @ w.double().t(), 0.0)
     terms = x.double().abs() @ w.double().abs().t()
     assert_within(y, ref, gemv_bound(ref, terms, dtype), "B=17")

@@ -28,7 +28,7 @@ def _patched_tiny(method: str, scope: str):
     import torch
 
     import sparseffn
-    from tests.conftest import tiny_model
+    from sparseffn.testing import tiny_model
 
     model = tiny_model("llama")
     ids = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     from bench.e2e.check import check_kernel_path
     from sparseffn import decode
 
-    if not sparseffn.modules.kernels_on("cpu"):
+    if not sparseffn.dispatch.kernels_on("cpu"):
         pytest.skip("needs Triton in interpreter mode (kernel_mode='always' on the CPU)")
     model = _patched_tiny("teal", "all")
     ok = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")
@@ -78,7 +78,7 @@ def test_bench_check_cli_writes_a_passing_check(tmp_path):
 
     import sparseffn
 
-    if not sparseffn.modules.kernels_on("cpu"):
+    if not sparseffn.dispatch.kernels_on("cpu"):
         pytest.skip("needs Triton in interpreter mode (kernel_mode='always' on the CPU)")
     out = tmp_path / "check.json"
     rc = main(["bench", "check", "--model", "tiny-llama", "--dtype", "float32", "--device", "cpu",
@@ -100,7 +100,7 @@ def test_sensitivity_tool_separates_kernel_faults_from_noise():
     import sparseffn
     from bench.e2e import sensitivity
 
-    if not sparseffn.modules.kernels_on("cpu"):
+    if not sparseffn.dispatch.kernels_on("cpu"):
         pytest.skip("needs Triton in interpreter mode (kernel_mode='always' on the CPU)")
     res = sensitivity.main(["--shape", "tiny-llama", "--dtype", "float32", "--mode", "always",
                             "--steps", "2", "--prompt", "8"])
