@@ -1,0 +1,72 @@
+"""How ``sparsify`` reads what it is given: config or keywords (never both), the tokenizer
+from the model's own folder, BOS-first windows for families that expect them."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparseffn
+from sparseffn.data import token_windows
+from sparseffn.families import window_bos
+from sparseffn.testing import tiny_model
+
+CALIB = dict(n_tokens=1024, seq_len=128, progress=False)
+
+
+def test_config_and_keywords_together_are_refused(texts, tokenizer):
+    model = tiny_model("llama")
+    config = sparseffn.SparsityConfig(method="cats", sparsity=0.4)
+    for kwargs in ({"sparsity": 0.6}, {"method": "teal"}, {"scope": "all"},
+                   {"allocation": "greedy"}):
+        with pytest.raises(sparseffn.SparseFFNError, match="either config= or"):
+            sparseffn.sparsify(model, calibration=texts, tokenizer=tokenizer, config=config,
+                               **kwargs, **CALIB)
+    assert not sparseffn.is_sparsified(model)
+    sparseffn.sparsify(model, calibration=texts, tokenizer=tokenizer, config=config, **CALIB)
+    assert sparseffn.get_calibration(model).config.sparsity == 0.4
+
+
+def test_tokenizer_comes_from_the_model_folder(tmp_path, texts, tokenizer):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    sparseffn.sparsify(loaded, "cats", 0.5, texts, **CALIB)  # no tokenizer= given
+    with_tok = tiny_model("llama")
+    sparseffn.sparsify(with_tok, "cats", 0.5, texts, tokenizer=tokenizer, **CALIB)
+    assert torch.equal(sparseffn.get_calibration(loaded).thresholds["layers.0.act"],
+                       sparseffn.get_calibration(with_tok).thresholds["layers.0.act"])
+    in_memory = tiny_model("llama")  # no folder: the error names the fix
+    with pytest.raises(sparseffn.CalibrationError, match="pass tokenizer="):
+        sparseffn.sparsify(in_memory, "cats", 0.5, texts, **CALIB)
+
+
+def test_windows_start_with_bos_only_where_the_family_expects_it(texts, tokenizer):
+    gemma, llama = tiny_model("gemma"), tiny_model("llama")
+    assert window_bos(llama, tokenizer) is None
+    bos = window_bos(gemma, tokenizer)
+    assert bos == tokenizer.bos_token_id
+    windows = token_windows(tokenizer, texts, 1024, 128, bos=bos)
+    assert windows.shape == (8, 128) and bool((windows[:, 0] == bos).all())
+    plain = token_windows(tokenizer, texts, 1024, 127)
+    assert torch.equal(windows[:, 1:], plain)  # the same text after the BOS
+
+
+def test_the_library_calls_no_package_manager():
+    """Built-in sources that need a download are fetched by scripts/fetch_texts.py; the only
+    subprocess the library starts is the CLI's benchmark runner."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("sparseffn", "calibrate", "triton_kernels"):
+        for path in (root / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names}
+            strings = {n.value for n in ast.walk(tree)
+                       if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+            if path.name != "cli.py":
+                assert "subprocess" not in names, path
+            assert not strings & {"apt-get", "pip", "dpkg-deb"}, path
