@@ -1,5 +1,5 @@
 """Repeat the chained-call check of the input-sparse GEMV many times on one GPU and count the
-calls whose output is outside the rounding bound, per (variant, batch, dtype). A stress run for
+calls whose output is outside the rounding bound, per (batch, dtype). A stress run for
 intermittent ordering bugs that one pass of the test suite may miss:
 
     python scripts/race_check.py --chains 100
@@ -12,27 +12,23 @@ import sys
 
 import torch
 
-# The repository root (where the package is not pip-installed, e.g. on a lent GPU machine
-# without build dependencies) and the test suite's helpers.
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "kernels")]
-from bench.kernels import cases as cs  # noqa: E402
-from bench.kernels.anatomy import VARIANTS  # noqa: E402
-from kernel_testlib import gemv_bound, weight  # noqa: E402  (the test suite's bound and weights)
-from triton_kernels._common import LaunchConfig  # noqa: E402
-from triton_kernels.input_sparse import _triton_impl, pick_config  # noqa: E402
+# The repository root, where the package is not pip-installed (e.g. on a lent GPU machine
+# without build dependencies).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from triton_kernels import LaunchConfig  # noqa: E402
+from triton_kernels.input_sparse.op import pick_config, triton_impl  # noqa: E402
+from triton_kernels.testing import gemv_bound, weight  # noqa: E402  (the tests' bound, weights)
 
 
-def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int, variant: str) -> int:
+def chain_failures(batch: int, dtype: torch.dtype, K: int, calls: int) -> int:
     """Calls of one chain (each x the previous y, no host sync) with elements off the bound."""
     w_t = weight(K, K, dtype, "cuda") * 1.1  # keeps |x| about constant over the chain
     thr = torch.full((), 0.3, device="cuda")
     xs = [torch.randn(batch, K, device="cuda").to(dtype)]
-    with cs.switched(VARIANTS[variant]):
-        for _ in range(calls):
-            out = torch.full((batch, K), float("nan"), device="cuda", dtype=dtype)
-            xs.append(_triton_impl(xs[-1], w_t, thr, out=out))
-        cfg = pick_config(w_t, batch)  # tuned by the first call: a lookup
+    for _ in range(calls):
+        out = torch.full((batch, K), float("nan"), device="cuda", dtype=dtype)
+        xs.append(triton_impl(xs[-1], w_t, thr, out=out))
+    cfg = pick_config(w_t, batch)  # tuned by the first call: a lookup
     bad = 0
     for i in range(1, len(xs)):
         # the kernel's test, against the threshold's fp32 value (not the literal 0.3)
@@ -72,18 +68,16 @@ def main() -> None:
     p.add_argument("--chains", type=int, default=50)
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--K", type=int, default=4096)
-    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batches", default="1,4")
     p.add_argument("--dtypes", default="fp32,bf16")
     args = p.parse_args()
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for variant in args.variants.split(","):
-        for batch in map(int, args.batches.split(",")):
-            for dtype in (dtypes[d] for d in args.dtypes.split(",")):
-                bad = sum(chain_failures(batch, dtype, args.K, args.calls, variant)
-                          for _ in range(args.chains))
-                print(f"{variant:10s} B={batch} {str(dtype):15s} {bad} of "
-                      f"{args.chains * args.calls} calls off the bound", flush=True)
+    for batch in map(int, args.batches.split(",")):
+        for dtype in (dtypes[d] for d in args.dtypes.split(",")):
+            bad = sum(chain_failures(batch, dtype, args.K, args.calls)
+                      for _ in range(args.chains))
+            print(f"B={batch} {str(dtype):15s} {bad} of {args.chains * args.calls} calls off "
+                  "the bound", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,8 @@
 
     python -m bench.kernels.anatomy --json docs/results/anatomy_h200.json
 
-For each shape and each launch variant (the default; a temporary accumulator per call;
-programmatic dependent launch), in one run on one GPU and with the sweep's timing (CUDA graphs over
-enough weight copies to defeat the L2, medians):
+For each shape, in one run on one GPU and with the sweep's timing (CUDA graphs over enough weight
+copies to defeat the L2, medians):
 
 - ``launch_floor``: an empty Triton kernel per call, i.e. what one graph node costs;
 - ``finish``: the finishing kernel alone (converts and zeroes [B, N] fp32 sums);
@@ -31,9 +30,6 @@ import triton_kernels as tk
 from . import cases as cs
 from .sweep import DTYPES, bandwidths, n_copies, time_calls
 
-#: Launch variants: the default and each A/B switch of the sweep.
-VARIANTS = {"default": [], **{op.removeprefix("input_sparse_"): flips
-                              for op, flips in cs.AB_FLAGS.items()}}
 TARGETS = {0.0: 1.0, 0.5: 1.8, 0.9: 5.0}
 
 
@@ -59,7 +55,7 @@ def _empty_kernel():
 def measure_shape(K: int, N: int, dtype: torch.dtype, sparsities: list[float],
                   replays: int, read_bw: float, device: str = "cuda") -> dict:
     """Every quantity of the module docstring for one [K -> N] GEMV at batch 1."""
-    from triton_kernels._input_sparse_kernel import FINISH_BLOCK, _finish_kernel
+    from triton_kernels.input_sparse.kernel import FINISH_BLOCK, _finish_kernel
 
     case = cs.Case("input_sparse", "anatomy", K, N)
     n = n_copies(case, dtype, max(sparsities), 24 * 2**30, device)
@@ -77,32 +73,27 @@ def measure_shape(K: int, N: int, dtype: torch.dtype, sparsities: list[float],
     sums = torch.zeros(N, device=device)
     y = torch.empty(1, N, dtype=dtype, device=device)
     out["finish_us"] = timed(
-        [lambda: _finish_kernel[(-(-N // FINISH_BLOCK),)](sums, y, N, BLOCK=FINISH_BLOCK,
-                                                          PDL=False)] * n)
+        [lambda: _finish_kernel[(-(-N // FINISH_BLOCK),)](sums, y, N, BLOCK=FINISH_BLOCK)] * n)
     none = torch.zeros(1, K, dtype=torch.bool, device=device)
     points = {s: cs.make_point(case, 1, s, dtype, (w_ts[0],)) for s in sparsities}
-    for variant in VARIANTS:
-        with cs.switched(VARIANTS[variant]):
-            v = {"nothing_active_us": timed(
-                [lambda w=w: tk.input_sparse_gemv(x, w, mask=none) for w in w_ts])}
-            xs, ys, errs = [], [], []
-            for s, p in points.items():
-                ref = tk.input_sparse_gemv_ref(p.x, w_ts[0], threshold=p.threshold)
-                errs.append(cs.rel_error(tk.input_sparse_gemv(p.x, w_ts[0], threshold=p.threshold),
-                                         ref))
-                us = timed([lambda w=w: tk.input_sparse_gemv(p.x, w, threshold=p.threshold)
-                            for w in w_ts])
-                v[f"us_at_{s}"] = us
-                v[f"speedup_at_{s}"] = out["dense_us"] / us
-                xs.append(cs.needed_bytes(case, 1, dtype, p.active_fraction))
-                ys.append(us)
-            fixed, slope = fit_line(xs, ys)
-            # slope in us per byte: 1e-6 / slope is TB/s
-            v.update(fixed_us=fixed, rate_tbps=1e-6 / slope if slope else float("inf"),
-                     max_rel_err=max(errs), correct=max(errs) <= cs.REL_TOL[dtype])
-        out[variant] = v
+    out["nothing_active_us"] = timed(
+        [lambda w=w: tk.input_sparse_gemv(x, w, mask=none) for w in w_ts])
+    xs, ys, errs = [], [], []
+    for s, p in points.items():
+        ref = tk.input_sparse_gemv_ref(p.x, w_ts[0], threshold=p.threshold)
+        errs.append(cs.rel_error(tk.input_sparse_gemv(p.x, w_ts[0], threshold=p.threshold), ref))
+        us = timed([lambda w=w: tk.input_sparse_gemv(p.x, w, threshold=p.threshold)
+                    for w in w_ts])
+        out[f"us_at_{s}"] = us
+        out[f"speedup_at_{s}"] = out["dense_us"] / us
+        xs.append(cs.needed_bytes(case, 1, dtype, p.active_fraction))
+        ys.append(us)
+    fixed, slope = fit_line(xs, ys)
+    # slope in us per byte: 1e-6 / slope is TB/s
+    out.update(fixed_us=fixed, rate_tbps=1e-6 / slope if slope else float("inf"),
+               max_rel_err=max(errs), correct=max(errs) <= cs.REL_TOL[dtype])
     dense_bytes = cs.needed_bytes(case, 1, dtype, None)
-    rate = out["default"]["rate_tbps"] * 1e12
+    rate = out["rate_tbps"] * 1e12
     # Target at sparsity s: fixed + (1 - s) * bytes / rate <= dense / target.
     out["fixed_us_allowed_by_target"] = {str(s): out["dense_us"] / t - (1 - s) * dense_bytes
                                          / rate * 1e6 for s, t in TARGETS.items()}
@@ -111,16 +102,13 @@ def measure_shape(K: int, N: int, dtype: torch.dtype, sparsities: list[float],
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| shape | variant | nothing active us | fixed us (fit) | rate TB/s | "
-             "speedup s=0 / 0.5 / 0.9 | correct |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | nothing active us | fixed us (fit) | rate TB/s | "
+             "speedup s=0 / 0.5 / 0.9 | correct |", "|---|---|---|---|---|---|"]
     for r in rows:
-        for variant in VARIANTS:
-            v = r[variant]
-            sp = " / ".join(f"{v[f'speedup_at_{s}']:.2f}x" for s in (0.0, 0.5, 0.9)
-                            if f"speedup_at_{s}" in v)
-            lines.append(f"| {r['K']}->{r['N']} {r['dtype']} | {variant} | "
-                         f"{v['nothing_active_us']:.2f} | {v['fixed_us']:.2f} | "
-                         f"{v['rate_tbps']:.2f} | {sp} | {v['correct']} |")
+        sp = " / ".join(f"{r[f'speedup_at_{s}']:.2f}x" for s in (0.0, 0.5, 0.9)
+                        if f"speedup_at_{s}" in r)
+        lines.append(f"| {r['K']}->{r['N']} {r['dtype']} | {r['nothing_active_us']:.2f} | "
+                     f"{r['fixed_us']:.2f} | {r['rate_tbps']:.2f} | {sp} | {r['correct']} |")
     for r in rows:
         allowed = ", ".join(f"s={s}: {a:.2f}" for s, a in r["fixed_us_allowed_by_target"].items())
         lines.append(f"\n{r['K']}->{r['N']}: dense {r['dense_us']:.2f} us (bound "

@@ -8,11 +8,8 @@ union of its sequences' active rows; the sweep reports that union as measured.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
-from unittest import mock
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +25,12 @@ ATTN = {"llama3-8b": (4096, 1024), "mistral-7b": (4096, 1024), "qwen2.5-7b": (35
 OPS = ("input_sparse", "output_sparse", "mlp_threshold", "mlp_mask")
 # Weights that read one x: in one grouped launch, or as separate input-sparse calls (same run).
 GROUPED_OPS = ("qkv_grouped", "qkv_separate", "gate_up_grouped", "gate_up_separate")
-# input_sparse with switches of triton_kernels flipped (module, attribute, value): a temporary
-# zeroed accumulator per call instead of the persistent one; the opt-in programmatic dependent
-# launch; tuning without the prefetching tiles.
-AB_FLAGS = {"input_sparse_tempacc": [("_accumulator", "ENABLED", False)],
-            "input_sparse_pdl": [("_common", "PDL", True)],
-            "input_sparse_noprefetch": [("_input_sparse_kernel", "PREFETCH_CANDIDATES", False)]}
-AB_OPS = tuple(AB_FLAGS)
 # What reading only the needed bytes buys the vendor library: cuBLAS (F.linear) over exactly the
 # needed inputs, the weight's active columns and x's active entries compacted before the timed
 # call (not timed: this "oracle" knows the active set ahead of the call). A reference, not a
 # bound: cuBLAS's kernel choice for the compacted shapes varies (docs/kernels.md).
 ORACLE_OPS = ("input_sparse_oracle",)
-ALL_OPS = OPS + GROUPED_OPS + AB_OPS + ORACLE_OPS
+ALL_OPS = OPS + GROUPED_OPS + ORACLE_OPS
 # Relative error (norm) allowed against the fp32 reference before a point is reported as wrong:
 # about 8x the output rounding of each dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -183,16 +173,6 @@ def make_point(case: Case, batch: int, sparsity: float, dtype: torch.dtype,
     return Point(x, None, mask, mask.any(0).float().mean().item())
 
 
-@contextlib.contextmanager
-def switched(flips: list[tuple[str, str, object]]) -> Iterator[None]:
-    """Set ``triton_kernels.<module>.<name> = value`` for each flip, restoring them after."""
-    with contextlib.ExitStack() as stack:
-        for m, a, v in flips:
-            stack.enter_context(mock.patch.object(importlib.import_module(f"triton_kernels.{m}"),
-                                                  a, v))
-        yield
-
-
 def bind(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The operands one copy's timed call takes at point ``p``: ``w`` itself, except for the
     oracle, which gets (x_c [B, A], W_c [N, A]): x with each sequence's inactive entries zeroed,
@@ -211,9 +191,6 @@ def sparse_call(case: Case, p: Point, w: tuple[torch.Tensor, ...]) -> torch.Tens
         return F.linear(w[0], w[1])
     if case.op == "input_sparse":
         return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
-    if case.op in AB_FLAGS:
-        with switched(AB_FLAGS[case.op]):
-            return tk.input_sparse_gemv(p.x, w[0], threshold=p.threshold)
     if case.op.endswith("_grouped"):
         return tk.input_sparse_gemv_grouped(p.x, list(w), [p.threshold] * len(w))
     if case.op.endswith("_separate"):

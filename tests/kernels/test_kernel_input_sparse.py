@@ -1,7 +1,7 @@
 """input_sparse_gemv's Triton kernel against its float64 reference (see triton_kernels.testing
-for the error bounds). CPU cases run under the interpreter at small odd shapes with forced configs that
-cover both the direct store (one K range) and the partial sums of several K ranges; CUDA cases
-run the tuned configs at real model shapes."""
+for the error bounds). CPU cases run under the interpreter at small odd shapes with forced
+configs that cover both the direct store (one K range) and the partial sums of several K ranges;
+CUDA cases run the tuned configs at real model shapes."""
 from __future__ import annotations
 
 import pytest

@@ -1,19 +1,15 @@
-"""Plumbing shared by the sparse decode ops: Triton availability, validation, configs, tuning.
+"""Plumbing shared by the sparse decode ops: Triton availability, input validation, buffers.
 
-The tuner here replaces ``triton.autotune`` on purpose. ``triton.autotune`` times its configs on
-whatever inputs the first call brings, so a first call at 95% sparsity picks a config that is fast
-when almost nothing is loaded and slow when everything is (TEAL's kernel drops to 0.97x at 60% that
-way). Ours times every candidate on synthetic inputs at sparsities 0, 0.5 and 0.9 of the real
-weights and keeps the candidate whose worst ratio to the per-sparsity best is smallest. The cache
-key is (op, batch, shape, dtype, device): a new sparsity value never re-tunes.
+Environment: TRITON_INTERPRET=1 (read once, at import) runs the kernels on CPU tensors through
+Triton's interpreter; SPARSEFFN_TUNE=0 (``tuning``) turns tuning off. Nothing else read from the
+environment changes what a kernel computes or how it is launched.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -29,20 +25,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BATCH_PER_LAUNCH = 16
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: SPARSEFFN_PDL=1: launch the input-sparse GEMV and its finishing kernel with programmatic
-#: dependent launch (Hopper and later), so that each may be scheduled while the kernel before it
-#: drains; both wait (``gdc_wait``) for that kernel to complete before their first memory access.
-#: Off: 0.5-1.3 us faster per call in isolation, but slower in the model (docs/kernels.md).
-PDL = os.environ.get("SPARSEFFN_PDL", "0") == "1"
-
-#: Sparsities every tuning candidate is timed at (union sparsity of the rows loaded).
-TUNE_SPARSITIES = (0.0, 0.5, 0.9)
-
-#: Timing rounds per candidate and sparsity (the fastest counts). With one round, near-equal
-#: candidates swapped between processes on the H200 (2026-12-02: the tuner kept a config that a
-#: direct comparison in the same harness found 0.2%, 2% and 6% slower at its three sparsities).
-TUNE_ROUNDS = 3
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -66,19 +48,6 @@ def kernels_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and not INTERPRET
     return device.type == "cpu" and INTERPRET
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def pdl_launch(device: torch.device) -> bool:
-    """Whether launches on ``device`` use programmatic dependent launch (see ``PDL``)."""
-    if not PDL or device.type != "cuda" or INTERPRET:
-        return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return _capability(index)[0] >= 9
 
 
 def on_input_device(fn: Callable) -> Callable:
@@ -168,90 +137,6 @@ def expand_mask(mask: torch.Tensor, rows: int, cols: int, device: torch.device,
 def exactly_one(threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
     if (threshold is None) == (mask is None):
         raise ValueError("pass exactly one of threshold= and mask=")
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile shape of one launch.
-
-    ``rows``: weight rows per tile (rows of the dim that is skipped); ``cols``: contiguous
-    elements per row per tile; ``span``: input-sparse only, the rows of K one program owns and
-    compacts to its active ones (several K ranges add their fp32 partials atomically);
-    ``prefetch``: load the next tile before multiplying the current one (two tiles in flight
-    per program, at twice the registers).
-    """
-
-    rows: int
-    cols: int
-    span: int = 0
-    num_warps: int = 4
-    prefetch: bool = False
-
-
-_TUNED: dict[tuple, LaunchConfig] = {}
-_TUNE_LOG: list[dict] = []
-
-
-def tuning_enabled(device: torch.device) -> bool:
-    """Tune on CUDA unless SPARSEFFN_TUNE=0 or a CUDA graph is being captured (timing would
-    synchronize inside the capture); the first candidate is the untuned default."""
-    if device.type != "cuda" or INTERPRET or os.environ.get("SPARSEFFN_TUNE", "1") == "0":
-        return False
-    return not torch.cuda.is_current_stream_capturing()
-
-
-def tuned_config(key: tuple, candidates: Sequence[LaunchConfig],
-                 make_bench: Callable[[float], Callable[[LaunchConfig], None]],
-                 device: torch.device) -> LaunchConfig:
-    """Return the cached config for ``key``, tuning it first if allowed (see module docstring).
-
-    ``make_bench(sparsity)`` builds synthetic inputs at that union sparsity and returns a function
-    that runs the op once with a given config.
-    """
-    if key in _TUNED:
-        return _TUNED[key]
-    if len(candidates) == 1 or not tuning_enabled(device):
-        return candidates[0]
-    times: dict = {}
-    for s in TUNE_SPARSITIES:
-        run = make_bench(s)
-        # Rounds over all candidates, keeping each one's best: a slow outlier of one timing
-        # (another process, clocks) then costs no candidate its place.
-        for _ in range(TUNE_ROUNDS):
-            for cfg in candidates:
-                t = _time_on_device(lambda: run(cfg))
-                times[(cfg, s)] = min(t, times.get((cfg, s), t))
-    best = {s: min(times[(c, s)] for c in candidates) for s in TUNE_SPARSITIES}
-    score = {c: max(times[(c, s)] / best[s] for s in TUNE_SPARSITIES) for c in candidates}
-    chosen = min(candidates, key=lambda c: score[c])
-    _TUNED[key] = chosen
-    _TUNE_LOG.append({"key": key, "chosen": chosen, "score": score[chosen],
-                      "times_us": {f"{c}@{s}": 1e3 * t for (c, s), t in times.items()}})
-    return chosen
-
-
-def _time_on_device(fn: Callable[[], None]) -> float:
-    """Median milliseconds of one call, replayed from a CUDA graph with L2 flushed before each.
-
-    Timing the Python call itself (plain ``do_bench``) measured the launch overhead of our two
-    kernels and allocations instead of the GPU: 2-10x noise between identical configs (H100,
-    2026-11-23). A graph replay costs the host a few microseconds, which the flush hides.
-    """
-    from triton.testing import do_bench
-
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    ms = do_bench(graph.replay, warmup=2, rep=10, return_mode="median")
-    del graph
-    return ms
-
-
-def tuning_log() -> list[dict]:
-    """Every tuning decision made in this process (key, chosen config, timings); for benchmarks."""
-    return list(_TUNE_LOG)
 
 
 def sm_count(device: torch.device) -> int:

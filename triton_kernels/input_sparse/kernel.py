@@ -8,27 +8,20 @@ decides which of its rows any sequence needs and writes their indices, compacted
 scratch area (Triton has no register scatter); then its tile loop runs over active rows only, so
 the number of iterations (not just the bytes) shrinks with sparsity. The next tile's row indices
 are loaded before the current tile is multiplied, so a program waits for one memory round trip
-per tile, as a dense loop does; the prefetching configs also load the next tile's weights then,
-so that two tiles are in flight (the tuner picks them where they pay). The first measured
-version tested activity per tile inside the loop: its x load -> mask -> weight load chain made
-every tile two round trips, and at 0.9 sparsity it still took 51% of its own dense time (29.9
-vs 58.6 us, fp16 4096 -> 14336, H100, 2026-11-23).
+per tile, as a dense loop does (testing activity per tile inside the loop made every tile two
+round trips); the prefetching configs also load the next tile's weights then, so that two tiles
+are in flight (the tuner picks them where they pay).
+
 With several K ranges, each program adds its fp32 partial into a zeroed fp32 [B, N] accumulator
 (``tl.atomic_add``, relaxed), and ``_finish_kernel`` then writes y from it in y's dtype and
-zeroes it again, so the persistent accumulator of ``_accumulator`` is ready for the next call
-(one extra launch per call; a fill kernel and a cast before it). Stream order alone separates
-the adds from the finish: no program reads what another wrote, so there is no ticket, no
-last-program logic and no ordering hazard. The fp32 order of the adds varies between runs, so y
-may differ in its last bit between identical calls. Against a second kernel summing
-[K ranges, B, N] partials in a fixed order the atomic sums were 3-12% faster at sparsity 0 and
-5-21% at 0.5 (H100, 2026-11-23).
-The in-kernel alternative, where the program taking the last ticket of its column block converts
-and zeroes the sums (read by atomic exchange), was correct on the H200 but slower: 7.95 against
-5.12 us with nothing active, 10.2 against 8.1 us of fitted fixed cost, 4096 -> 14336 bf16
-(docs/kernels.md, "Fixed cost"); the ticket's fenced atomic and the exchanges are serial L2 round
-trips, longer than the finishing launch they save. It was removed.
-Opt-in (SPARSEFFN_PDL=1, ``_common.PDL``): programmatic dependent launch of the GEMV and its
-finish (Hopper and later). Each kernel waits for the previous one before touching memory.
+zeroes it again, so the persistent buffer of ``triton_kernels.accumulator`` is ready for the next
+call (one extra launch per call). Stream order alone separates the adds from the finish: no
+program reads what another wrote, so there is no ticket, no last-program logic and no ordering
+hazard. The fp32 order of the adds varies between runs, so y may differ in its last bit between
+identical calls. The atomics are faster than a second kernel summing [K ranges, B, N] partials
+in a fixed order, and the finishing launch is cheaper than letting the last program of each
+column block convert and zero the sums (its fenced ticket and exchanges are serial L2 round
+trips); docs/history/kernels-code-notes.md keeps the measurements.
 """
 from __future__ import annotations
 
@@ -38,11 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _accumulator
-from ._common import LaunchConfig, pdl_launch, upcast_dot
-
-#: Whether the batch-1 tuning candidates include the prefetching tiles (off: for A/B runs).
-PREFETCH_CANDIDATES = True
+from .. import accumulator
+from ..common import upcast_dot
+from ..tuning import LaunchConfig
+from .reference import MAX_GROUPS
 
 #: How the kernel decides that input k of sequence b is active.
 MODE_THRESHOLD, MODE_MASK, MODE_NONZERO = 0, 1, 2
@@ -105,14 +97,8 @@ def _input_sparse_kernel(
     NB1, NB2,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    if PDL:
-        # Launched early (programmatic dependent launch): touch no memory before the previous
-        # kernel, which may have written x or may still read a buffer reused here, completes.
-        # Then let the next kernel (our finish, or the next GEMV) be scheduled.
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     # Grouped launch: GROUPS weights sharing x, each with its own threshold; column blocks
@@ -190,11 +176,8 @@ def _input_sparse_kernel(
 
 
 @triton.jit
-def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     """out = acc (cast to out's dtype) and acc = 0, over ``numel`` contiguous elements."""
-    if PDL:  # the GEMV's sums are complete and visible only after it has completed
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     v = tl.load(acc_ptr + offs, mask=ok, other=0.0)
@@ -203,10 +186,6 @@ def _finish_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constex
 
 
 FINISH_BLOCK = 1024
-
-
-#: Most weights one grouped launch takes (q/k/v, or gate/up).
-MAX_GROUPS = 3
 
 
 def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tensor], mode: int,
@@ -238,9 +217,9 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     if not atomic:
         target, acc = out, None
     else:
-        acc = _accumulator.persistent(B * N, x.device)
-        # No persistent buffer (turned off, or first seen during a graph capture): a temporary
-        # zeroed one; _finish_kernel zeroes it again for nothing, at no extra launch.
+        acc = accumulator.persistent(B * N, x.device)
+        # No persistent buffer (first seen during a graph capture): a temporary zeroed one;
+        # _finish_kernel zeroes it again for nothing, at no extra launch.
         target = (acc if acc is not None
                   else torch.zeros(B * N, dtype=torch.float32, device=x.device)).view(B, N)
     idx = torch.empty(grid[0] * grid[1] * span, dtype=torch.int32, device=x.device)
@@ -248,8 +227,6 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     # that no placeholder tensor is allocated per call.
     thr_ts = [t if t is not None else x for t in thrs]
     mask_t = mask.view(torch.uint8) if mask is not None else x
-    pdl = pdl_launch(x.device)
-    launch = {"launch_pdl": True} if pdl else {}  # the interpreter knows no such option
     pad = MAX_GROUPS - groups
     w_ts, thr_ts, widths = w_ts + [w_ts[0]] * pad, thr_ts + [thr_ts[0]] * pad, widths + [0] * pad
     extra = []
@@ -267,8 +244,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            PDL=pdl, PREFETCH=cfg.prefetch,
-            num_warps=cfg.num_warps, **launch,
+            PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
@@ -276,8 +252,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
         raise
     if atomic:
         _finish_kernel[(triton.cdiv(B * N, FINISH_BLOCK),)](target, out, B * N,
-                                                             BLOCK=FINISH_BLOCK, PDL=pdl,
-                                                             **launch)
+                                                             BLOCK=FINISH_BLOCK)
 
 
 def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
@@ -291,11 +266,10 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
     if batch == 1:
         tiles = [(16, 1024, 4, 6), (16, 1024, 4, 3), (16, 1024, 4, 12), (8, 1024, 4, 6),
                  (8, 1024, 4, 12), (16, 512, 2, 6), (16, 512, 2, 12), (16, 2048, 8, 3)]
-        # The same tiles with the next tile's weights loaded while one is summed (Nsight
-        # Compute, H200: without it a program waits on one weight tile at a time).
-        if PREFETCH_CANDIDATES:
-            tiles += [t + (True,) for t in [(8, 1024, 4, 6), (8, 1024, 4, 12), (16, 1024, 4, 6),
-                                            (8, 512, 2, 12)]]
+        # The same tiles with the next tile's weights loaded while one is summed (without it a
+        # program waits on one weight tile at a time).
+        tiles += [t + (True,) for t in [(8, 1024, 4, 6), (8, 1024, 4, 12), (16, 1024, 4, 6),
+                                        (8, 512, 2, 12)]]
     else:
         tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
                  (16, 128, 4, 6)]

@@ -2,10 +2,10 @@
 
 A launch whose K ranges are split over several programs adds their fp32 partials atomically into
 a zeroed [B, N] buffer and then converts it to y. Allocating that buffer per call costs a fill
-kernel and the conversion a second one: two extra graph nodes around every GEMV, which inside a
-decode step (224 input-sparse calls for Llama-3-8B under TEAL) added about 460 us per step on the
-H200 (docs/e2e.md). Here the buffer is allocated once, zeroed once, and ``finish`` converts it to
-y *and zeroes it again* in one kernel, so the next call finds it zeroed: one extra node, not two.
+kernel and the conversion a second one: two extra graph nodes around every GEMV, and a decode
+step makes hundreds of GEMV calls (224 for Llama-3-8B under TEAL). Here the buffer is allocated
+once, zeroed once, and the finishing kernel converts it to y *and zeroes it again*, so the next
+call finds it zeroed: one extra node, not two.
 
 Rules that keep it correct:
 - One buffer per (device, number of elements); every call with that size uses it, so calls on
@@ -15,22 +15,16 @@ Rules that keep it correct:
 - Never allocated while a CUDA graph is captured, nor from a graph memory pool. Cudagraph trees
   (``torch.compile(mode="reduce-overhead")``) route every allocation of the *thread* that runs
   their warm-up into their pool and fail on pool tensors they do not track ("Detected 3
-  tensor(s) in the cudagraph pool not tracked as outputs", seen on the H200 when the buffers
-  were allocated from a side stream of the same thread); so a CUDA buffer is allocated and
-  zeroed on a short-lived helper thread, outside any pool. A call that finds no buffer during a
-  capture uses a temporary one.
+  tensor(s) in the cudagraph pool not tracked as outputs", also when allocated from a side
+  stream of the same thread); so a CUDA buffer is allocated and zeroed on a short-lived helper
+  thread, outside any pool. A call that finds no buffer during a capture uses a temporary one.
 - If the GEMV launch raises, the buffer is zeroed again before the error propagates.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
-
-#: SPARSEFFN_PERSISTENT_ACC=0 turns the persistent buffers off (a temporary zeroed buffer and a
-#: cast per call, the earlier scheme): for A/B benchmarks of the two.
-ENABLED = os.environ.get("SPARSEFFN_PERSISTENT_ACC", "1") != "0"
 
 _BUFFERS: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -41,9 +35,7 @@ def _capturing(device: torch.device) -> bool:
 
 def persistent(numel: int, device: torch.device) -> torch.Tensor | None:
     """The zeroed fp32 buffer of ``numel`` elements for ``device``, or None where there is none
-    and none may be made now (persistent buffers off, or a CUDA graph being captured)."""
-    if not ENABLED:
-        return None
+    and none may be made now (a CUDA graph being captured)."""
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
         device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), numel)
