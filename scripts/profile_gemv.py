@@ -16,14 +16,17 @@ Each call reads another copy of the weight, so no call finds its weights in L2, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 
 import torch
 
-import triton_kernels as tk
-from bench.kernels import cases as cs
-from bench.kernels.sweep import DTYPES
+# The repository root: neither bench nor (on a lent GPU machine) the library is pip-installed.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import triton_kernels as tk  # noqa: E402
+from bench.kernels import cases as cs  # noqa: E402
+from bench.kernels.sweep import DTYPES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
