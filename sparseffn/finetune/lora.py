@@ -99,14 +99,15 @@ def _wrappers_with_kernels(model: nn.Module) -> list[nn.Module]:
     from sparseffn.patching import is_sparsified, sparse_modules
     if not is_sparsified(model):
         return []
-    return [m for _, m in sparse_modules(model) if hasattr(m, "set_kernel_mode")]
+    return [m for _, m in sparse_modules(model)]
 
 
 def _hold_reference_path(model: nn.Module) -> None:
+    from sparseffn.dispatch import KernelMode
     for wrapper in _wrappers_with_kernels(model):
-        if wrapper.kernel_mode != "never":
+        if wrapper.kernel_mode is not KernelMode.NEVER:
             wrapper._mode_before_lora = wrapper.kernel_mode
-            wrapper.set_kernel_mode("never")
+            wrapper.set_kernel_mode(KernelMode.NEVER)
 
 
 def _release_reference_path(model: nn.Module) -> None:
