@@ -10,6 +10,7 @@ never leaves a half-written artifact behind. The config is the caller's object (
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -163,25 +164,106 @@ class Calibration:
                 raise CalibrationError(f"{path} is not a calibration folder: {f.name} is missing")
         try:
             doc = json.loads(json_path.read_text())
-            version = doc["format_version"]
-            config = read_config(doc["config"])
-            fingerprint, sparsities = doc["fingerprint"], doc["sparsities"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CalibrationError(f"{json_path} is corrupt ({exc}); recalibrate") from exc
+        if not isinstance(doc, dict):
+            raise CalibrationError(f"{json_path} is corrupt (not a JSON object); recalibrate")
+        version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise CalibrationError(f"{path} has format version {version}; this sparseffn reads "
                                    f"{FORMAT_VERSION}. Recalibrate.")
+        check = _Checker(json_path)
+        config_doc = check.field(doc, "config", dict)
+        try:
+            config = read_config(config_doc)
+        except (SparseFFNError, TypeError, ValueError) as exc:
+            raise check.error("config", str(exc)) from exc
+        fingerprint = check.fingerprint(check.field(doc, "fingerprint", dict))
+        sparsities = check.sparsities(check.field(doc, "sparsities", dict),
+                                      fingerprint["num_layers"])
+        meta = check.field(doc, "meta", dict) if "meta" in doc else {}
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CalibrationError(f"{tensor_path} is corrupt ({exc}); recalibrate") from exc
-        thresholds = {k[len("thresholds."):]: v for k, v in tensors.items()
-                      if k.startswith("thresholds.")}
-        stats = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
-        extras = {k[len("extras."):]: v for k, v in tensors.items() if k.startswith("extras.")}
+        groups: dict[str, dict[str, torch.Tensor]] = {"thresholds": {}, "stats": {}, "extras": {}}
+        for key, value in tensors.items():
+            group, _, name = key.partition(".")
+            if group not in groups or not name:
+                raise CalibrationError(f"{tensor_path} is corrupt (unknown tensor {key!r}); "
+                                       "recalibrate")
+            groups[group][name] = value
+        thresholds, stats, extras = groups["thresholds"], groups["stats"], groups["extras"]
         if set(thresholds) != set(sparsities):
             raise CalibrationError(f"{path} is inconsistent: thresholds and sparsities name "
                                    "different sites; recalibrate")
-        return cls(config, fingerprint, sparsities, thresholds, stats, doc.get("meta", {}),
-                   extras)
+        for key, t in thresholds.items():
+            _check_threshold(tensor_path, key, t)
+        for key, t in {**stats, **extras}.items():
+            if not t.is_floating_point() and t.dtype not in (torch.int32, torch.int64):
+                raise CalibrationError(f"{tensor_path} is corrupt ({key} has dtype {t.dtype}); "
+                                       "recalibrate")
+            if t.is_floating_point() and bool(t.isnan().any()):
+                raise CalibrationError(f"{tensor_path} is corrupt ({key} holds NaN); "
+                                       "recalibrate")
+        return cls(config, fingerprint, sparsities, thresholds, stats, meta, extras)
+
+
+def _check_threshold(where: Path, key: str, t: torch.Tensor) -> None:
+    """A threshold is a float32 [] or [C] tensor, never NaN nor +inf (-inf keeps everything)."""
+    if t.dtype != torch.float32 or t.dim() > 1 or t.numel() == 0:
+        raise CalibrationError(f"{where} is corrupt (threshold {key} is {t.dtype} of shape "
+                               f"{list(t.shape)}; expected float32 [] or [channels]); "
+                               "recalibrate")
+    if bool(t.isnan().any()) or bool((t == float("inf")).any()):
+        raise CalibrationError(f"{where} is corrupt (threshold {key} holds NaN or +inf); "
+                               "recalibrate")
+
+
+class _Checker:
+    """Validates the fields of ``calibration.json``; every error names the field."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+
+    def error(self, field: str, what: str) -> CalibrationError:
+        return CalibrationError(f"{self.where} is corrupt ({field}: {what}); recalibrate")
+
+    def field(self, doc: dict[str, Any], name: str, kind: type) -> Any:
+        if name not in doc:
+            raise self.error(name, "missing")
+        if not isinstance(doc[name], kind):
+            raise self.error(name, f"expected a {kind.__name__}, got {type(doc[name]).__name__}")
+        return doc[name]
+
+    def fingerprint(self, fp: dict[str, Any]) -> dict[str, Any]:
+        for key in SHAPE_KEYS:
+            value = fp.get(key)
+            want_str = key == "model_type"
+            ok = isinstance(value, str) if want_str else (
+                isinstance(value, int) and not isinstance(value, bool) and value > 0)
+            if not ok:
+                raise self.error(f"fingerprint.{key}", f"expected "
+                                 f"{'a string' if want_str else 'a positive int'}, got {value!r}")
+        if not isinstance(fp.get("name_or_path", ""), str):
+            raise self.error("fingerprint.name_or_path", "expected a string")
+        sig = fp.get("weight_signature")
+        if not (isinstance(sig, list) and len(sig) == fp["num_layers"]
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sig)):
+            raise self.error("fingerprint.weight_signature",
+                             f"expected {fp['num_layers']} numbers (one per layer)")
+        return fp
+
+    def sparsities(self, sparsities: dict[str, Any], num_layers: int) -> dict[str, float]:
+        for key, value in sparsities.items():
+            parts = key.split(".", 2)
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() \
+                    or int(parts[1]) >= num_layers or not parts[2]:
+                raise self.error(f"sparsities[{key!r}]", f"not a site key layers.<i>.<site> "
+                                 f"with i < {num_layers}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or not 0.0 <= value < 1.0:
+                raise self.error(f"sparsities[{key!r}]", f"expected a number in [0, 1), got "
+                                 f"{value!r}")
+        return {k: float(v) for k, v in sparsities.items()}
 

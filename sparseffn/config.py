@@ -44,11 +44,20 @@ class SparsityConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        self.layer_sparsity = {int(k): float(v) for k, v in self.layer_sparsity.items()}
+        if not isinstance(self.layer_sparsity, dict) or not all(
+                isinstance(k, int) and not isinstance(k, bool) or str(k).isdigit()
+                for k in self.layer_sparsity):
+            raise SparseFFNError(f"layer_sparsity must map layer indices to sparsities, got "
+                                 f"{self.layer_sparsity!r}")
+        self.layer_sparsity = {int(k): v for k, v in self.layer_sparsity.items()}
         self.validate()
+        self.layer_sparsity = {k: float(v) for k, v in self.layer_sparsity.items()}
 
     def validate(self) -> None:
         """Raise SparseFFNError naming the first invalid field."""
+        for name in ("method", "scope", "allocation"):
+            if not isinstance(getattr(self, name), str):
+                raise SparseFFNError(f"{name} must be a string, got {getattr(self, name)!r}")
         method = method_class(self.method)
         check_sparsity(self.sparsity)
         for layer, value in self.layer_sparsity.items():
@@ -76,7 +85,8 @@ class SparsityConfig:
                 or self.predictor_epochs < 1:
             raise SparseFFNError(f"predictor_epochs must be an int >= 1, got "
                                  f"{self.predictor_epochs!r}")
-        if not 0.0 < self.greedy_step <= 0.25:
+        if isinstance(self.greedy_step, bool) or not isinstance(self.greedy_step, (int, float)) \
+                or not 0.0 < self.greedy_step <= 0.25:
             raise SparseFFNError(f"greedy_step must be in (0, 0.25], got {self.greedy_step}")
         if self.version != CONFIG_VERSION:
             raise SparseFFNError(

@@ -13,7 +13,8 @@ from torch import nn
 
 from calibrate.artifact import Calibration
 from sparseffn.dispatch import KernelMode
-from sparseffn.errors import PatchStateError
+from calibrate.fit import split_key
+from sparseffn.errors import CalibrationError, PatchStateError
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 signal_of)
 from sparseffn.methods import ACT_SITE, Method, get_method
@@ -70,6 +71,31 @@ def _layer_modules(spec: FamilySpec, method: Method, layer: nn.Module,
     return new
 
 
+def _check_sites(model: nn.Module, spec: FamilySpec, method: Method,
+                 calibration: Calibration) -> None:
+    """Every threshold names a site of ``method`` in an existing layer, with a shape that fits
+    the module it gates ([] or one value per channel); a CalibrationError names the first that
+    does not, before anything changes."""
+    layers = decoder_layers(model)
+    sites = set(method.sites(calibration.config.scope))
+    for key, t in calibration.thresholds.items():
+        layer, site = split_key(key)
+        if layer >= len(layers) or site not in sites:
+            raise CalibrationError(f"the calibration's threshold {key} names no site of method "
+                                   f"{calibration.config.method!r} in this model "
+                                   f"({len(layers)} layers, sites {sorted(sites)}); recalibrate")
+        if site == ACT_SITE:
+            width = layer_mlp(layers[layer]).down_proj.weight.shape[1]
+        else:
+            owner = layer_attn(layers[layer]) if site in (*spec.attn_in, spec.attn_out) \
+                else layer_mlp(layers[layer])
+            width = getattr(owner, site).weight.shape[1]
+        if t.dim() > 1 or t.numel() not in (1, width):
+            raise CalibrationError(f"the calibration's threshold {key} has shape "
+                                   f"{list(t.shape)}; the module it gates has {width} channels "
+                                   f"(expected [] or [{width}]); recalibrate")
+
+
 def install(model: nn.Module, calibration: Calibration,
             kernel_mode: KernelMode | str = KernelMode.AUTO, calibrating: bool = False) -> None:
     """Patch ``model`` in place with ``calibration``'s thresholds.
@@ -87,6 +113,7 @@ def install(model: nn.Module, calibration: Calibration,
         )
     spec = family_of(model)
     method = get_method(calibration.config.method, spec)
+    _check_sites(model, spec, method, calibration)
     swaps: dict[tuple[nn.Module, str], nn.Module] = {}
     for i, layer in enumerate(decoder_layers(model)):
         swaps.update(_layer_modules(spec, method, layer, calibration.layer_thresholds(i),

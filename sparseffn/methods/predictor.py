@@ -10,6 +10,7 @@ from torch import nn
 
 from calibrate.predictor import SCORE_GRID_KEY, threshold_from_grid, train_predictors
 from sparseffn import decode
+from sparseffn.errors import CalibrationError
 from sparseffn.methods.base import (FitContext, Method, StatSpec, register_method,
                                     require_extras)
 from sparseffn.methods.gates import ActThresholdGate
@@ -30,9 +31,12 @@ class PredictorGate(NeuronGate):
                  mlp: nn.Module) -> None:
         super().__init__()
         hidden, inter = mlp.down_proj.weight.shape
-        if a.shape[1] != hidden or b.shape[0] != inter or a.shape[0] != b.shape[1]:
-            raise ValueError(f"predictor shapes {list(a.shape)}, {list(b.shape)} do not fit "
-                             f"an MLP of hidden {hidden} and intermediate {inter}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != hidden or b.shape[0] != inter \
+                or a.shape[0] != b.shape[1] or not (a.isfinite().all() and b.isfinite().all()):
+            raise CalibrationError(
+                f"the calibration's predictor shapes {list(a.shape)}, {list(b.shape)} do not fit "
+                f"an MLP of hidden {hidden} and intermediate {inter}, or hold non-finite "
+                "values; recalibrate")
         device, dtype = mlp.down_proj.weight.device, mlp.down_proj.weight.dtype
         self.register_buffer("pred_a", a.detach().to(device=device, dtype=dtype, copy=True))
         self.register_buffer("pred_b", b.detach().to(device=device, dtype=dtype, copy=True))
