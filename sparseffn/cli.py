@@ -46,13 +46,48 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512)
 
 
+def _flag_error(flag: str, what: str) -> Exception:
+    from sparseffn.errors import SparseFFNError
+    return SparseFFNError(f"{flag}: {what}")
+
+
+def _check_out_folder(out: str, overwrite: bool) -> None:
+    """Refuse --out before any work: an existing folder that is not a calibration, or a
+    calibration without --overwrite."""
+    from calibrate.artifact import JSON_NAME
+    path = Path(out)
+    if path.exists():
+        if not (path / JSON_NAME).exists():
+            raise _flag_error("--out", f"{path} exists and is not a calibration folder; "
+                                       "choose a new --out")
+        if not overwrite:
+            raise _flag_error("--out", f"{path} already holds a calibration; pass --overwrite "
+                                       "to replace it")
+
+
+def _configs(specs: Sequence[str], levels: Sequence[float], flag: str) -> None:
+    """Validate every ``method[:scope[:allocation]]`` spec at every level before any work."""
+    from sparseffn.config import SparsityConfig
+    from sparseffn.errors import SparseFFNError
+    from sparseffn.eval.sweep import parse_method
+    for spec in specs:
+        for level in levels:
+            try:
+                SparsityConfig(sparsity=level, **parse_method(spec))
+            except SparseFFNError as exc:
+                raise _flag_error(flag, f"{spec!r} at {level}: {exc}") from None
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     import sparseffn
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    from sparseffn.data import load_texts
     config = sparseffn.SparsityConfig(method=args.method, sparsity=args.sparsity,
                                       scope=args.scope, allocation=args.allocation,
                                       predictor_rank=args.predictor_rank,
                                       predictor_epochs=args.predictor_epochs)
+    _check_out_folder(args.out, args.overwrite)
+    load_texts(args.data, "calibration")  # refuse a bad source before loading the model
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
     sparseffn.sparsify(model, calibration=args.data, tokenizer=tokenizer, config=config,
                        n_tokens=args.tokens, seq_len=args.seq_len)
     path = sparseffn.save_calibration(model, args.out, overwrite=args.overwrite)
@@ -62,8 +97,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from sparseffn.data import load_texts
     from sparseffn.eval.sweep import markdown_table, plot, quality_sweep, write_csv
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    _configs(args.methods, args.sparsities, "--methods/--sparsities")
+    load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     eval_texts = load_texts(args.eval_data, "eval")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
     rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
                          eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                          n_tokens=args.tokens, n_items=args.items)
@@ -87,6 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from sparseffn.eval.sweep import evaluate
     from sparseffn.eval.tasks import build_tasks
 
+    _configs([f"{args.method}:{args.scope}"], [args.sparsity], "--method/--sparsity/--scope")
     start = time.time()
     print(f"sparseffn demo: {args.method} at sparsity {args.sparsity} on the built-in "
           "SmolLM2-135M (Python {}, torch {}, {})".format(platform.python_version(),
