@@ -272,7 +272,17 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    from sparseffn.dispatch import kernels_on
+    device_type = torch.device(args.device).type
+    if not kernels_on(device_type) or (device_type == "cpu" and args.kernel_mode != "always"):
+        # Otherwise the "kernel path" would be the reference path compared with itself.
+        raise SystemExit(
+            f"bench check compares the Triton kernels with the reference path, and they do not "
+            f"run on {args.device} here under --kernel-mode {args.kernel_mode}: use a CUDA "
+            "device, or on the CPU set TRITON_INTERPRET=1 and pass --kernel-mode always "
+            "--dtype float32")
+    run(args)
     return 0
 
 

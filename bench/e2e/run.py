@@ -323,6 +323,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                     rows.append({k: (float(v) if k in NUMERIC else v) for k, v in r.items()})
         plot(rows, args.plot)
         return 0
+    if not args.device.startswith("cuda") and not args.shape.startswith("tiny"):
+        raise SystemExit(f"bench e2e times decoding on a GPU: --device {args.device} with "
+                         f"--shape {args.shape} would build a full-size model on the CPU. Run it "
+                         "on a CUDA device, or smoke-test on the CPU with --shape tiny-llama.")
     rows = run(args)
     if args.plot:
         plot(rows, args.plot)

@@ -162,3 +162,21 @@ def test_oracle_reads_the_needed_bytes_and_undoes_exactly():
     assert model(input_ids=ids).logits.shape == before.shape
     remove_oracle(model)
     assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_gpu_benchmarks_refuse_to_pretend_on_the_cpu(monkeypatch):
+    """`bench check` where the kernels cannot run would compare the reference path with itself,
+    and `bench e2e` of a full-size shape on the CPU would build a 16 GB model: both refuse."""
+    import pytest
+
+    from bench.e2e import check, run
+    from sparseffn import dispatch
+
+    monkeypatch.setitem(dispatch._AVAILABLE, "cpu", False)
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
+        check.main(["--device", "cpu", "--kernel-mode", "always"])
+    monkeypatch.setitem(dispatch._AVAILABLE, "cpu", True)
+    with pytest.raises(SystemExit, match="--kernel-mode always"):
+        check.main(["--device", "cpu", "--kernel-mode", "auto"])
+    with pytest.raises(SystemExit, match="tiny-llama"):
+        run.main(["--device", "cpu", "--shape", "llama3-8b"])
