@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class Calibration:
             "meta": {**self.meta, "python": platform.python_version()},
         }
         (tmp / JSON_NAME).write_text(json.dumps(doc, indent=1))
+        # safetensors writes its file owner-only; give it the JSON's (umask) permissions.
+        os.chmod(tmp / TENSORS_NAME, (tmp / JSON_NAME).stat().st_mode & 0o777)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -8,6 +8,7 @@ really produces, which is what the thresholds will meet at run time.
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -195,6 +196,15 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
                                 bos=window_bos(model, tokenizer))
     meta["tokens"] = windows.numel()
     check_token_count(windows)
+    if not isinstance(texts, torch.Tensor) and windows.numel() < n_tokens:
+        warnings.warn(f"the calibration text holds {windows.numel()} tokens in windows of "
+                      f"{windows.shape[1]}, fewer than n_tokens={n_tokens}; calibrating on "
+                      "those (pass more text for steadier thresholds)", stacklevel=3)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(windows.max()) >= vocab or int(windows.min()) < 0:
+        raise CalibrationError(f"calibration token ids span [{int(windows.min())}, "
+                               f"{int(windows.max())}], outside the model's vocabulary of "
+                               f"{vocab}: tokenize with this model's tokenizer")
     scaffold = _scaffold(model, config, method, sparsities)
     was_training = model.training
     model.eval()

@@ -26,9 +26,14 @@ def load_model(name: str, dtype: str, device: str):
         from sparseffn.models import load_builtin_model
         return load_builtin_model(DTYPES[dtype], device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype]).to(device).eval()
-    return model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype]).to(device)
+    except (OSError, ValueError) as exc:
+        raise _flag_error("--model", f"cannot load {name!r} as a transformers causal LM "
+                                     f"({str(exc).splitlines()[0]}); pass 'builtin', a local "
+                                     "model folder or a hub name reachable from here") from None
+    return model.eval(), tokenizer
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -101,14 +106,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     eval_texts = load_texts(args.eval_data, "eval")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
-                         eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-                         n_tokens=args.tokens, n_items=args.items)
-    print(markdown_table(rows))
     extra = {"device": args.device, "torch": torch.__version__, "model": args.model,
              "dtype": args.dtype, "calibration_data": args.data, "eval_data": args.eval_data}
+    rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
+                         eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                         n_tokens=args.tokens, n_items=args.items,
+                         on_row=(lambda done: write_csv(done, args.csv, extra)) if args.csv
+                         else None)
+    print(markdown_table(rows))
     if args.csv:
-        write_csv(rows, args.csv, extra)
         print(f"wrote {args.csv}")
     if args.plot:
         plot(rows, args.plot, f"{args.model} ({args.dtype}); calibration {args.data} "

@@ -49,9 +49,18 @@ class SparsityReport:
         layers = sorted({s.layer for s in self.sites})
         return [_weighted([s for s in self.sites if s.layer == i]) for i in layers]
 
+    @property
+    def observed(self) -> bool:
+        """Whether any token went through the model since the counters were reset."""
+        return any(s.observed for s in self.sites)
+
     def table(self) -> str:
+        if not self.observed:
+            return ("no tokens observed yet: run the model (or turn counting back on with "
+                    "sparseffn.track_sparsity(model, True)), then read the report")
         lines = [f"{'layer':>5} {'site':<13} {'measured':>8} {'target':>7}"]
-        lines += [f"{s.layer:>5} {s.site:<13} {s.sparsity:>8.3f} {s.target:>7.3f}"
+        lines += [f"{s.layer:>5} {s.site:<13} "
+                  f"{(f'{s.sparsity:.3f}' if s.observed else '-'):>8} {s.target:>7.3f}"
                   for s in self.sites]
         lines.append(f"overall {self.overall:.3f}; FFN bytes skipped {self.ffn_bytes_skipped:.3f}; "
                      f"all projection bytes skipped {self.all_bytes_skipped:.3f}")

@@ -70,3 +70,39 @@ def test_the_library_calls_no_package_manager():
             if path.name != "cli.py":
                 assert "subprocess" not in names, path
             assert not strings & {"apt-get", "pip", "dpkg-deb"}, path
+
+
+def test_report_before_any_token_says_so():
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "topk", 0.5, progress=False)
+    report = sparseffn.sparsity_report(model)
+    assert not report.observed and "no tokens observed yet" in report.table()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 1000, (1, 8)))
+    report = sparseffn.sparsity_report(model)
+    assert report.observed and "0.500" in report.table()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (8, 128))
+    ids[3, 5] = model.config.vocab_size
+    with pytest.raises(sparseffn.CalibrationError, match="outside the model's vocabulary"):
+        sparseffn.sparsify(model, "cats", 0.5, ids, **CALIB)
+    assert not sparseffn.is_sparsified(model)
+
+
+def test_short_calibration_text_is_announced(tokenizer):
+    model = tiny_model("llama")
+    text = [" ".join(["The quick brown fox jumps over the lazy dog."] * 150)]
+    with pytest.warns(UserWarning, match="fewer than n_tokens=16384"):
+        sparseffn.sparsify(model, "cats", 0.5, text, tokenizer=tokenizer, n_tokens=16384,
+                           seq_len=128, progress=False)
+
+
+def test_saved_files_share_their_permissions(tmp_path):
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "topk", 0.5, progress=False)
+    path = sparseffn.save_calibration(model, tmp_path / "c")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert len(set(modes.values())) == 1, modes

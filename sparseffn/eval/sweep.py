@@ -10,7 +10,7 @@ import csv
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -55,21 +55,32 @@ def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any]) -> d
 def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                   sparsities: Sequence[float], calibration: Any, eval_texts: list[str],
                   eval_tokens: int = 4096, seq_len: int = 512, n_tokens: int = 16384,
-                  n_items: int = 200, log=print) -> list[QualityRow]:
-    """Dense plus every (method, sparsity) pair, each measured on the same held-out data."""
+                  n_items: int = 200, log=print,
+                  on_row: Callable[[list[QualityRow]], None] | None = None
+                  ) -> list[QualityRow]:
+    """Dense plus every (method, sparsity) pair, each measured on the same held-out data.
+
+    ``on_row(rows)`` is called after every finished row (e.g. to write the CSV so far), so a
+    late failure loses nothing measured before it.
+    """
     from sparseffn.data import token_windows
 
     windows = token_windows(tokenizer, eval_texts, eval_tokens, seq_len, "evaluation")
     tasks = build_tasks(tokenizer, eval_texts, n_items)
     start = time.time()
+    log(f"dense: perplexity on {windows.numel()} tokens and {len(tasks)} tasks of {n_items} "
+        "items ...")
     dense = evaluate(model, windows, tasks)
     rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
                        dense["next_sentence"], dense["last_word"], time.time() - start)]
     log(format_row(rows[-1]))
+    if on_row is not None:
+        on_row(rows)
     for spec in methods:
         kwargs = parse_method(spec)
         for level in sparsities:
             start = time.time()
+            log(f"{spec} at {level}: calibrating on {n_tokens} tokens, then evaluating ...")
             sparseffn.sparsify(model, sparsity=level, calibration=calibration,
                                tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
                                progress=False, **kwargs)
@@ -82,6 +93,8 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                                    report.all_bytes_skipped, ppl, accs["next_sentence"],
                                    accs["last_word"], time.time() - start))
             log(format_row(rows[-1]))
+            if on_row is not None:
+                on_row(rows)
             sparseffn.unsparsify(model)
     return rows
 
@@ -139,9 +152,13 @@ def plot(rows: Sequence[QualityRow], path: str | Path, title: str) -> None:
               ("last_word", "last-word accuracy")]
     for ax, (field, label) in zip(axes, panels):
         for method in methods:
-            pts = [(r.measured, getattr(r, field)) for r in rows if r.method == method]
+            # Each line starts at the dense model (sparsity 0), so one level is a line too.
+            pts = [(0.0, getattr(dense, field))]
+            pts += [(r.measured, getattr(r, field)) for r in rows if r.method == method]
             ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(getattr(dense, field), color="k", ls="--", lw=1, label="dense")
+        ax.set_xlim(left=0.0)
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         ax.set_xlabel("measured sparsity of sparsified projections")
         ax.set_ylabel(label)
         if field == "perplexity":

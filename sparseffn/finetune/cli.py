@@ -120,7 +120,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         return
     model = result.model
     model_dir, calib_dir = save_finetuned(model, tokenizer, out, texts, args.sparsity,
-                                          args.calib_method, config, args.calib_tokens)
+                                          args.calib_method, config, args.calib_tokens,
+                                          progress=not args.no_progress)
     (out / "log.json").write_text(json.dumps({"trainer": result.log_history,
                                               "sparsity": result.history,
                                               "train_seconds": result.seconds}, indent=1))

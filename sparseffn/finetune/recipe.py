@@ -167,7 +167,8 @@ def finetune(model: nn.Module, tokenizer: Any, windows: torch.Tensor, config: Fi
             raise FinetuneError("method 'fixed' fits its thresholds on text: pass "
                                 "calibration_texts (the training text will do)")
         sparseffn.sparsify(model, config.threshold_method, config.sparsity, calibration_texts,
-                           tokenizer=tokenizer, n_tokens=config.calib_tokens, progress=False)
+                           tokenizer=tokenizer, n_tokens=config.calib_tokens,
+                           progress=progress)
     reg = SparsityRegularization(model, regs, reference_sparsity=config.reference_sparsity)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -208,7 +209,7 @@ def finetune(model: nn.Module, tokenizer: Any, windows: torch.Tensor, config: Fi
 
 def calibrate_finetuned(model: nn.Module, tokenizer: Any, texts: list[str], sparsity: float,
                         method: str = DEFAULT_METHOD, n_tokens: int = 4096, seq_len: int = 512,
-                        ) -> nn.Module:
+                        progress: bool = False) -> nn.Module:
     """Patch a fine-tuned model at ``sparsity``; a FATReLU shift floors the thresholds.
 
     A model trained with FATReLU is saved with plain ReLU (transformers has no shifted ReLU);
@@ -219,7 +220,7 @@ def calibrate_finetuned(model: nn.Module, tokenizer: Any, texts: list[str], spar
     from sparseffn.patching import update_thresholds
 
     sparseffn.sparsify(model, method, sparsity, texts, tokenizer=tokenizer, n_tokens=n_tokens,
-                       seq_len=seq_len, progress=False)
+                       seq_len=seq_len, progress=progress)
     shift = float(getattr(model.config, "sparseffn_relu_shift", 0.0) or 0.0)
     if shift > 0:
         calib = sparseffn.get_calibration(model)
@@ -232,7 +233,7 @@ def calibrate_finetuned(model: nn.Module, tokenizer: Any, texts: list[str], spar
 def save_finetuned(model: nn.Module, tokenizer: Any, out: str | Path, texts: list[str],
                    sparsity: float, method: str = DEFAULT_METHOD,
                    config: FinetuneConfig | None = None,
-                   n_tokens: int = 4096) -> tuple[Path, Path]:
+                   n_tokens: int = 4096, progress: bool = False) -> tuple[Path, Path]:
     """Save the merged model (``out/model``) and its calibration (``out/calibration``)."""
     import json
 
@@ -243,7 +244,7 @@ def save_finetuned(model: nn.Module, tokenizer: Any, out: str | Path, texts: lis
     unwrap_model(model).save_pretrained(model_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
-    calibrate_finetuned(model, tokenizer, texts, sparsity, method, n_tokens)
+    calibrate_finetuned(model, tokenizer, texts, sparsity, method, n_tokens, progress=progress)
     sparseffn.save_calibration(model, calib_dir, overwrite=True)
     sparseffn.unsparsify(model)
     if config is not None:
