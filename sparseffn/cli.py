@@ -17,6 +17,10 @@ from typing import Sequence
 
 import torch
 
+DESCRIPTION = """Activation sparsity for Hugging Face LLMs: calibrate, evaluate, demo, fine-tune and
+benchmark. Every command works offline on the built-in model (--model builtin, the default) and
+built-in text; --model also takes a local Hugging Face folder or a hub name."""
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -210,7 +214,7 @@ def default_sweep(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from sparseffn.config import ALLOCATIONS, SCOPES, input_methods
     from sparseffn.methods import DEFAULT_METHOD, method_names
-    parser = argparse.ArgumentParser(prog="sparseffn", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sparseffn", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def builtin_model_path() -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = _gguf_dir()
-    print(f"sparseffn: converting {_GGUF} to a Hugging Face folder in {target} (once)...")
+    start = time.time()
+    print(f"sparseffn: converting {_GGUF} to a Hugging Face folder in {target} (once, about "
+          "20 s)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
     config = AutoConfig.from_pretrained(src, gguf_file=_GGUF)
@@ -58,6 +61,7 @@ def builtin_model_path() -> Path:
     tokenizer.save_pretrained(tmp)
     if target.exists() and not (target / "config.json").exists():
         shutil.rmtree(target, ignore_errors=True)  # left incomplete by an older version
+    print(f"sparseffn: converted in {time.time() - start:.0f} s", flush=True)
     try:
         tmp.rename(target)
     except OSError:  # another process landed its copy first

@@ -12,6 +12,15 @@ the command runs.
 from __future__ import annotations
 
 import argparse
+
+DESCRIPTION = """Train a model towards sparse FFN activations, then save it calibrated.
+
+  sparseffn finetune --method fixed --sparsity 0.7 --steps 200 --data austen --out ft/
+  accelerate launch --num_processes 2 -m sparseffn.cli finetune ...   (several processes)
+
+Writes OUT/model (the merged model, loadable with from_pretrained), OUT/calibration (load it
+with sparseffn.sparsify(model, calibration="OUT/calibration")), OUT/finetune_config.json and
+OUT/log.json (loss, regularizer and density per log step)."""
 import json
 from pathlib import Path
 
@@ -28,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from sparseffn.methods import DEFAULT_METHOD
 
     p = sub.add_parser("finetune", help="fine-tune towards sparse FFN activations, then "
-                                        "calibrate and save", description=__doc__,
+                                        "calibrate and save", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin",
                    help="'builtin' (SmolLM2-135M, offline) or a transformers folder/name")
