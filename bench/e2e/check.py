@@ -249,7 +249,20 @@ def run(args: argparse.Namespace) -> dict:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
         sparseffn.unsparsify(model)
+    print(summary_table(results["checks"]))
     return results
+
+
+def summary_table(checks: dict[str, dict]) -> str:
+    """One line per checked point: the verdict and the numbers behind it."""
+    lines = [f"{'point':<18} {'verdict':<18} {'greedy same':>11} {'argmax agree':>12} "
+             f"{'max rel err':>11}  first departing module"]
+    for point, c in checks.items():
+        verdict = "within rounding" if c["within_rounding"] else "BEYOND ROUNDING"
+        lines.append(f"{point:<18} {verdict:<18} {c['greedy_tokens_identical']:>11.3f} "
+                     f"{c['argmax_agree_teacher_forced']:>12.3f} "
+                     f"{c['in_model_rel_err_max']:>11.2e}  {c['in_model_first_departure']}")
+    return "\n".join(lines)
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
