@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from calibrate.fit import MIN_TOKENS
+
 DESCRIPTION = """Activation sparsity for Hugging Face LLMs: calibrate, evaluate, demo, fine-tune and
 benchmark. Every command works offline on the built-in model (--model builtin, the default) and
 built-in text; --model also takes a local Hugging Face folder or a hub name."""
@@ -40,6 +42,18 @@ def load_model(name: str, dtype: str, device: str):
     return model.eval(), tokenizer
 
 
+def calib_tokens_arg(text: str) -> int:
+    """argparse type of a calibration token count: an int of at least MIN_TOKENS."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < MIN_TOKENS:
+        raise argparse.ArgumentTypeError(f"{value} is fewer than the {MIN_TOKENS} tokens "
+                                         "calibration needs for stable thresholds")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin",
                    help="'builtin' (SmolLM2-135M, offline) or a transformers folder/name")
@@ -51,7 +65,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="austen",
                    help="calibration text: a built-in source (austen, pydoc, news) or a "
                         ".txt/.jsonl file or folder")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    p.add_argument("--tokens", type=calib_tokens_arg, default=16384,
+                   help=f"calibration tokens (at least {MIN_TOKENS})")
     p.add_argument("--seq-len", type=int, default=512)
 
 
@@ -145,13 +160,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     tasks = build_tasks(tokenizer, eval_texts, args.items)
     print(f"held-out text: {args.eval_data} ({windows.numel()} tokens for perplexity, "
           f"{args.items} items per accuracy task)")
+    phase = time.time()
+    print("evaluating the dense model ...", flush=True)
     dense = evaluate(model, windows, tasks)
+    print(f"  done in {time.time() - phase:.0f} s; calibrating {args.method} at "
+          f"{args.sparsity} on {args.tokens} tokens of {args.data} ...", flush=True)
+    phase = time.time()
     sparseffn.sparsify(model, args.method, args.sparsity, args.data, tokenizer=tokenizer,
                        scope=args.scope, n_tokens=args.tokens)
+    print(f"  done in {time.time() - phase:.0f} s; evaluating the sparse model ...", flush=True)
+    phase = time.time()
     sparseffn.reset_sparsity_stats(model)
     sparse = {"perplexity": perplexity(model, windows)}
     report = sparseffn.sparsity_report(model)  # over the held-out perplexity windows only
     sparse.update({task.name: task.evaluate(model) for task in tasks})
+    print(f"  done in {time.time() - phase:.0f} s", flush=True)
     print(f"\n{'':<28}{'dense':>10}{'sparse':>10}")
     for key, label in (("perplexity", "perplexity"), ("next_sentence", "next-sentence acc"),
                        ("last_word", "last-word acc")):
@@ -255,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="mlp", choices=SCOPES)
     p.add_argument("--data", default="austen")
     p.add_argument("--eval-data", default="austen")
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=calib_tokens_arg, default=8192,
+                   help=f"calibration tokens (at least {MIN_TOKENS})")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--items", type=int, default=60)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -68,6 +68,10 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.mo
 
 def family_of(model: nn.Module) -> FamilySpec:
     """The registry entry for ``model`` (a transformers causal LM), or a clear error."""
+    if isinstance(model, tuple):
+        raise UnsupportedModelError(
+            "got a tuple, not a model: sparseffn.load_builtin_model() returns (model, "
+            "tokenizer); unpack it with `model, tokenizer = sparseffn.load_builtin_model()`")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

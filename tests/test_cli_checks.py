@@ -44,3 +44,17 @@ def test_python_dash_m_sparseffn_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "sparseffn", "--help"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "calibrate" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "--tokens", "512", "--out", "x"],
+                                  ["finetune", "--calib-tokens", "512", "--out", "x"]])
+def test_too_few_calibration_tokens_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "fewer than the 1024 tokens" in capsys.readouterr().err
+
+
+def test_a_tuple_from_load_builtin_model_gets_the_right_fix():
+    import sparseffn
+    with pytest.raises(sparseffn.UnsupportedModelError, match="unpack it"):
+        sparseffn.sparsify((object(), object()), "topk", 0.5)

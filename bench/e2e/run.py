@@ -1,4 +1,5 @@
 """End-to-end decode benchmark: dense against sparse, same model, same harness, same run.
+Needs a CUDA GPU (a full-size shape is 16 GB); `--shape tiny-llama --device cpu` is a CPU smoke run.
 
     python -m bench.e2e.run --shape llama3-8b --dtype bfloat16 --csv out.csv --plot out.png
     sparseffn bench e2e ...   (the same)

@@ -34,6 +34,7 @@ METHOD_HELP = ("none: plain fine-tune (baseline); l1: progressive L1 on activati
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``finetune`` subcommand on ``sparseffn``'s subparsers."""
     from sparseffn.finetune.recipe import FINETUNE_METHODS, THRESHOLD_METHODS, TRAINABLE
+    from sparseffn.cli import calib_tokens_arg
     from sparseffn.methods import DEFAULT_METHOD
 
     p = sub.add_parser("finetune", help="fine-tune towards sparse FFN activations, then "
@@ -80,8 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--calib-method", default=DEFAULT_METHOD, choices=THRESHOLD_METHODS,
                      help="criterion of the saved calibration")
-    out.add_argument("--calib-tokens", type=int, default=4096,
-                     help="calibration tokens ('fixed' training thresholds and the saved one)")
+    out.add_argument("--calib-tokens", type=calib_tokens_arg, default=4096,
+                     help="calibration tokens ('fixed' training thresholds and the saved one; "
+                          "at least 1024)")
     out.add_argument("--out", required=True, help="output folder")
     out.add_argument("--overwrite", action="store_true")
     out.add_argument("--no-progress", action="store_true")
