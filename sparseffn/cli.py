@@ -162,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"{args.items} items per accuracy task)")
     phase = time.time()
     print("evaluating the dense model ...", flush=True)
-    dense = evaluate(model, windows, tasks)
+    dense = evaluate(model, windows, tasks, progress=True)
     print(f"  done in {time.time() - phase:.0f} s; calibrating {args.method} at "
           f"{args.sparsity} on {args.tokens} tokens of {args.data} ...", flush=True)
     phase = time.time()
@@ -171,9 +171,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"  done in {time.time() - phase:.0f} s; evaluating the sparse model ...", flush=True)
     phase = time.time()
     sparseffn.reset_sparsity_stats(model)
-    sparse = {"perplexity": perplexity(model, windows)}
+    sparse = {"perplexity": perplexity(model, windows, progress=True)}
     report = sparseffn.sparsity_report(model)  # over the held-out perplexity windows only
-    sparse.update({task.name: task.evaluate(model) for task in tasks})
+    sparse.update({task.name: task.evaluate(model, progress=True) for task in tasks})
     print(f"  done in {time.time() - phase:.0f} s", flush=True)
     print(f"\n{'':<28}{'dense':>10}{'sparse':>10}")
     for key, label in (("perplexity", "perplexity"), ("next_sentence", "next-sentence acc"),

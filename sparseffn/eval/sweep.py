@@ -44,11 +44,12 @@ def parse_method(spec: str) -> dict[str, str]:
     return out
 
 
-def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any]) -> dict[str, float]:
-    """Perplexity on ``windows`` and accuracy on each task."""
-    result = {"perplexity": perplexity(model, windows)}
+def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any],
+             progress: bool = False) -> dict[str, float]:
+    """Perplexity on ``windows`` and accuracy on each task (progress bars if ``progress``)."""
+    result = {"perplexity": perplexity(model, windows, progress=progress)}
     for task in tasks:
-        result[task.name] = task.evaluate(model)
+        result[task.name] = task.evaluate(model, progress=progress)
     return result
 
 
@@ -70,7 +71,7 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
     start = time.time()
     log(f"dense: perplexity on {windows.numel()} tokens and {len(tasks)} tasks of {n_items} "
         "items ...")
-    dense = evaluate(model, windows, tasks)
+    dense = evaluate(model, windows, tasks, progress=True)
     rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
                        dense["next_sentence"], dense["last_word"], time.time() - start)]
     log(format_row(rows[-1]))
@@ -86,9 +87,9 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                                progress=False, **kwargs)
             sparseffn.reset_sparsity_stats(model)
             # Measured sparsity is read over the perplexity windows only: held-out text.
-            ppl = perplexity(model, windows)
+            ppl = perplexity(model, windows, progress=True)
             report = sparseffn.sparsity_report(model)
-            accs = {task.name: task.evaluate(model) for task in tasks}
+            accs = {task.name: task.evaluate(model, progress=True) for task in tasks}
             rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
                                    report.all_bytes_skipped, ppl, accs["next_sentence"],
                                    accs["last_word"], time.time() - start))

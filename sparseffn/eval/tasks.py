@@ -15,6 +15,7 @@ import re
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 _SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z])")
 
@@ -31,7 +32,8 @@ def sentences(texts: list[str], min_words: int = 5, max_words: int = 40) -> list
 
 @torch.no_grad()
 def _target_scores(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int,
-                   batch_size: int) -> list[tuple[float, bool]]:
+                   batch_size: int, desc: str = "", progress: bool = False
+                   ) -> list[tuple[float, bool]]:
     """Per row of (context ids, target ids): (mean log-prob of the target tokens, whether the
     greedy argmax hits every one of them).
 
@@ -40,7 +42,8 @@ def _target_scores(model: nn.Module, rows: list[tuple[list[int], list[int]]], pa
     """
     device = model.get_input_embeddings().weight.device
     out = []
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch",
+                      disable=not progress):
         chunk = rows[start:start + batch_size]
         length = max(len(c) + len(t) for c, t in chunk)
         tail = max(len(t) for _, t in chunk)
@@ -84,13 +87,14 @@ class NextSentenceTask:
         if not self.items:
             raise ValueError("no usable sentence triples in the evaluation text")
 
-    def evaluate(self, model: nn.Module, batch_size: int = 16) -> float:
+    def evaluate(self, model: nn.Module, batch_size: int = 16, progress: bool = False) -> float:
         tok = self.tokenizer
         rows = []
         for context, candidates, _ in self.items:
             ctx = tok(context, add_special_tokens=False)["input_ids"]
             rows += [(ctx, tok(" " + c, add_special_tokens=False)["input_ids"]) for c in candidates]
-        scores = _target_scores(model, rows, tok.pad_token_id or 0, batch_size)
+        scores = _target_scores(model, rows, tok.pad_token_id or 0, batch_size, self.name,
+                                progress)
         correct = 0
         for k, (_, _, label) in enumerate(self.items):
             lps = [s[0] for s in scores[4 * k:4 * k + 4]]
@@ -118,12 +122,13 @@ class LastWordTask:
         if not self.items:
             raise ValueError("no usable passages in the evaluation text")
 
-    def evaluate(self, model: nn.Module, batch_size: int = 16) -> float:
+    def evaluate(self, model: nn.Module, batch_size: int = 16, progress: bool = False) -> float:
         tok = self.tokenizer
         rows = [(tok(ctx, add_special_tokens=False)["input_ids"],
                  tok(" " + word, add_special_tokens=False)["input_ids"])
                 for ctx, word in self.items]
-        scores = _target_scores(model, rows, tok.pad_token_id or 0, batch_size)
+        scores = _target_scores(model, rows, tok.pad_token_id or 0, batch_size, self.name,
+                                progress)
         return sum(hit for _, hit in scores) / len(scores)
 
 
