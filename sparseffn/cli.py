@@ -125,13 +125,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     eval_texts = load_texts(args.eval_data, "eval")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    extra = {"device": args.device, "torch": torch.__version__, "model": args.model,
-             "dtype": args.dtype, "calibration_data": args.data, "eval_data": args.eval_data}
+    from sparseffn.eval.speed import device_name
+    extra = {"device": args.device, "device_name": device_name(args.device),
+             "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+             "model": args.model, "dtype": args.dtype, "calibration_data": args.data,
+             "eval_data": args.eval_data}
     rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
                          eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                          n_tokens=args.tokens, n_items=args.items,
                          on_row=(lambda done: write_csv(done, args.csv, extra)) if args.csv
-                         else None)
+                         else None, decode_tokens=args.decode_tokens)
     print(markdown_table(rows))
     if args.csv:
         print(f"wrote {args.csv}")
@@ -147,6 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from sparseffn.data import load_texts, token_windows
     from sparseffn.eval.perplexity import perplexity
     from sparseffn.eval.sweep import evaluate
+    from sparseffn.eval.speed import decode_speed
     from sparseffn.eval.tasks import build_tasks
 
     _configs([f"{args.method}:{args.scope}"], [args.sparsity], "--method/--sparsity/--scope")
@@ -163,6 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     phase = time.time()
     print("evaluating the dense model ...", flush=True)
     dense = evaluate(model, windows, tasks, progress=True)
+    dense_speed = decode_speed(model, new_tokens=args.decode_tokens) \
+        if args.decode_tokens else None
     print(f"  done in {time.time() - phase:.0f} s; calibrating {args.method} at "
           f"{args.sparsity} on {args.tokens} tokens of {args.data} ...", flush=True)
     phase = time.time()
@@ -174,6 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     sparse = {"perplexity": perplexity(model, windows, progress=True)}
     report = sparseffn.sparsity_report(model)  # over the held-out perplexity windows only
     sparse.update({task.name: task.evaluate(model, progress=True) for task in tasks})
+    sparse_speed = decode_speed(model, new_tokens=args.decode_tokens) \
+        if args.decode_tokens else None
     print(f"  done in {time.time() - phase:.0f} s", flush=True)
     print(f"\n{'':<28}{'dense':>10}{'sparse':>10}")
     for key, label in (("perplexity", "perplexity"), ("next_sentence", "next-sentence acc"),
@@ -182,6 +190,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"{'measured sparsity':<28}{0:>10.3f}{report.overall:>10.3f}  (target {args.sparsity})")
     print(f"{'FFN weight bytes skipped':<28}{0:>10.3f}{report.ffn_bytes_skipped:>10.3f}  "
           "(per decode step)")
+    if dense_speed is not None and sparse_speed is not None:
+        print(f"{'decode tokens/s':<28}{dense_speed.tokens_per_s:>10.1f}"
+              f"{sparse_speed.tokens_per_s:>10.1f}  "
+              f"({sparse_speed.tokens_per_s / dense_speed.tokens_per_s:.2f}x; "
+              f"{sparse_speed.describe()})")
     prompt = "It is a truth universally acknowledged that"
     ids = tokenizer(prompt, return_tensors="pt").to(args.device)
     out = model.generate(**ids, max_new_tokens=40, do_sample=False)
@@ -268,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default="austen", help="held-out text source")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--items", type=int, default=200, help="items per accuracy task")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="greedy tokens timed per row for decode tokens/s on this machine "
+                        "(0: skip)")
     p.add_argument("--csv", help="write results here")
     p.add_argument("--plot", help="write a PNG plot here")
     p.set_defaults(func=cmd_eval)
@@ -282,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration tokens (at least {MIN_TOKENS})")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--items", type=int, default=60)
+    p.add_argument("--decode-tokens", type=int, default=64,
+                   help="greedy tokens timed for decode tokens/s, dense and sparse (0: skip)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_demo)

@@ -17,6 +17,7 @@ from torch import nn
 
 import sparseffn
 from sparseffn.eval.perplexity import perplexity
+from sparseffn.eval.speed import decode_speed
 from sparseffn.eval.tasks import build_tasks
 
 
@@ -31,6 +32,7 @@ class QualityRow:
     next_sentence: float
     last_word: float
     seconds: float
+    decode_tok_s: float = 0.0  # greedy decode tokens/s on this machine (0: not measured)
 
 
 def parse_method(spec: str) -> dict[str, str]:
@@ -57,9 +59,12 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                   sparsities: Sequence[float], calibration: Any, eval_texts: list[str],
                   eval_tokens: int = 4096, seq_len: int = 512, n_tokens: int = 16384,
                   n_items: int = 200, log=print,
-                  on_row: Callable[[list[QualityRow]], None] | None = None
-                  ) -> list[QualityRow]:
+                  on_row: Callable[[list[QualityRow]], None] | None = None,
+                  decode_tokens: int = 0) -> list[QualityRow]:
     """Dense plus every (method, sparsity) pair, each measured on the same held-out data.
+
+    With ``decode_tokens``, each row also times greedy decoding of that many tokens
+    (``sparseffn.eval.speed``), dense and sparse in the same run on this machine.
 
     ``on_row(rows)`` is called after every finished row (e.g. to write the CSV so far), so a
     late failure loses nothing measured before it.
@@ -73,7 +78,8 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
         "items ...")
     dense = evaluate(model, windows, tasks, progress=True)
     rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
-                       dense["next_sentence"], dense["last_word"], time.time() - start)]
+                       dense["next_sentence"], dense["last_word"], time.time() - start,
+                       _speed(model, decode_tokens))]
     log(format_row(rows[-1]))
     if on_row is not None:
         on_row(rows)
@@ -92,7 +98,8 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
             accs = {task.name: task.evaluate(model, progress=True) for task in tasks}
             rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
                                    report.all_bytes_skipped, ppl, accs["next_sentence"],
-                                   accs["last_word"], time.time() - start))
+                                   accs["last_word"], time.time() - start,
+                                   _speed(model, decode_tokens)))
             log(format_row(rows[-1]))
             if on_row is not None:
                 on_row(rows)
@@ -100,21 +107,29 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
     return rows
 
 
+def _speed(model: nn.Module, decode_tokens: int) -> float:
+    return decode_speed(model, new_tokens=decode_tokens).tokens_per_s if decode_tokens else 0.0
+
+
 def format_row(row: QualityRow) -> str:
     return (f"{row.method:<16} target {row.target:.2f} measured {row.measured:.3f} "
             f"ffn-bytes {row.ffn_bytes_skipped:.3f} ppl {row.perplexity:8.2f} "
             f"next-sent {row.next_sentence:.3f} last-word {row.last_word:.3f} "
-            f"({row.seconds:.0f}s)")
+            + (f"decode {row.decode_tok_s:.1f} tok/s " if row.decode_tok_s else "")
+            + f"({row.seconds:.0f}s)")
 
 
 def markdown_table(rows: Sequence[QualityRow]) -> str:
+    speed = any(r.decode_tok_s for r in rows)
     lines = ["| method | target | measured sparsity | FFN bytes skipped | all proj. bytes "
-             "skipped | perplexity | next sentence | last word |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "skipped | perplexity | next sentence | last word |"
+             + (" decode tok/s |" if speed else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if speed else "")]
     for r in rows:
         lines.append(f"| {r.method} | {r.target:.2f} | {r.measured:.3f} | "
                      f"{r.ffn_bytes_skipped:.3f} | {r.all_bytes_skipped:.3f} | "
-                     f"{r.perplexity:.2f} | {r.next_sentence:.3f} | {r.last_word:.3f} |")
+                     f"{r.perplexity:.2f} | {r.next_sentence:.3f} | {r.last_word:.3f} |"
+                     + (f" {r.decode_tok_s:.1f} |" if speed else ""))
     return "\n".join(lines)
 
 
