@@ -1,0 +1,51 @@
+"""The CPU decode path of the sparse gated MLP and its gate/up half.
+
+``sparse_gate_up_cpu`` computes the gate densely (its magnitude decides), then only the up rows
+of active neurons; ``sparse_gated_mlp_cpu`` takes the neurons as a mask and reads only their
+gate, up and down rows. Same semantics as ``reference`` at fp32, where no intermediate rounding
+applies; unchecked; see ``sparseffn.dispatch`` for where it is used.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..input_sparse.cpu import input_sparse_gemv_cpu
+from ..output_sparse.cpu import output_sparse_gemv_cpu
+
+
+def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+
+
+def sparse_gate_up_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       threshold: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None,
+                       activation: str = "silu") -> torch.Tensor:
+    """x [B, H], w_gate and w_up [I, H] -> h [B, I] = act(gate) * up on active neurons."""
+    g = _act(F.linear(x, w_gate), activation)
+    active = g.float().abs() > threshold.float() if threshold is not None \
+        else mask.expand_as(g)
+    return torch.where(active, g * output_sparse_gemv_cpu(x, w_up, active), 0)
+
+
+def sparse_gated_mlp_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                         w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None,
+                         activation: str = "silu") -> torch.Tensor:
+    """x [B, H] -> y [B, H]; w_down_t [I, H] = down_proj.weight transposed (rows contiguous).
+
+    With a mask, gate rows of inactive neurons are never read: gate and up are computed on the
+    union of the sequences' active neurons only.
+    """
+    if threshold is not None:
+        h = sparse_gate_up_cpu(x, w_gate, w_up, threshold=threshold, activation=activation)
+        return input_sparse_gemv_cpu(h, w_down_t, threshold=torch.zeros((), device=x.device))
+    mask = mask.expand(x.shape[0], w_gate.shape[0])
+    rows = mask.any(dim=0).nonzero().squeeze(1)
+    g = _act(x @ w_gate.index_select(0, rows).t(), activation)
+    u = x @ w_up.index_select(0, rows).t()
+    h = torch.where(mask[:, rows], g * u, 0)
+    return h @ w_down_t.index_select(0, rows)
