@@ -14,6 +14,7 @@ shapes, dtypes, devices and the grad mode.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,11 @@ from sparseffn.errors import SparseFFNError
 class KernelMode(str, Enum):
     """Where decode steps run the Triton kernels.
 
-    AUTO: on CUDA tensors at batch 1 (larger batches measured slower than dense and decode
-    densely); ALWAYS: any decode batch up to ``MAX_DECODE_BATCH``, also on the CPU when Triton
-    runs in interpreter mode (tests); NEVER: the reference path everywhere, weights in their
-    original layout.
+    AUTO: at batch 1 (larger batches measured slower than dense and decode densely), on CUDA
+    tensors and on the CPU where its decode path measured faster than dense for the shape;
+    ALWAYS: any decode batch up to ``MAX_DECODE_BATCH`` on every device (on the CPU through
+    the Triton interpreter under TRITON_INTERPRET=1, as in the tests); NEVER: the reference
+    path everywhere, weights in their original layout.
     """
 
     AUTO = "auto"
@@ -64,10 +66,31 @@ def kernels_on(device_type: str) -> bool:
     return _AVAILABLE[device_type]
 
 
-def wants_layout(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
-    """Whether ``mode`` may run kernels on these weights, so they should be laid out for them."""
-    return mode is KernelMode.ALWAYS or (
-        mode is KernelMode.AUTO and any(w.device.type == "cuda" for w in weights))
+def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor],
+                      cpu_pays: Callable[[], bool]) -> bool:
+    """Whether a module whose kernel-path weights are ``weights`` decodes through the kernel
+    path under ``mode`` (decided at patch time; its weights are then laid out for it).
+
+    CUDA: AUTO and ALWAYS. CPU under TRITON_INTERPRET=1 (tests): ALWAYS, through the Triton
+    interpreter. CPU otherwise: the ops' CPU decode path, under ALWAYS, and under AUTO for
+    float32 weights where ``cpu_pays()`` measured it faster than dense (``cpu_path_pays``).
+    """
+    if mode is KernelMode.NEVER or not weights:
+        return False
+    device = weights[0].device.type
+    if device == "cuda":
+        return True
+    if device != "cpu":
+        return False
+    if kernels_on("cpu"):
+        return mode is KernelMode.ALWAYS
+    return mode is KernelMode.ALWAYS or (weights[0].dtype == torch.float32 and cpu_pays())
+
+
+def cpu_decode_path(weights: list[torch.Tensor]) -> bool:
+    """Whether a kernel path on these weights runs the ops' CPU decode path (CPU tensors
+    without the Triton interpreter)."""
+    return bool(weights) and weights[0].device.type == "cpu" and not kernels_on("cpu")
 
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
@@ -76,17 +99,16 @@ def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.
 
     Args:
         mode: the module's kernel mode.
-        layout_ready: its weights are laid out for the kernels (``sparseffn.layout``).
+        layout_ready: it takes the kernel path (``takes_kernel_path``) and its weights are
+            laid out for it (``sparseffn.layout``).
         observing: a calibration observer is attached (it must see the reference path).
         x: the module input; a decode step is [B, 1, H].
         weight: a weight the kernels read (dtype and device must match x).
     """
     if not layout_ready or observing:
         return False
-    if x.device.type == "cuda":
-        ok = kernels_on("cuda")
-    else:
-        ok = mode is KernelMode.ALWAYS and kernels_on("cpu")
+    # The path was chosen for the weights' device when the mode was set (takes_kernel_path).
+    ok = kernels_on("cuda") if x.device.type == "cuda" else x.device.type == "cpu"
     max_batch = MAX_DECODE_BATCH if mode is KernelMode.ALWAYS else AUTO_MAX_BATCH
     return (ok and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= max_batch
             and x.dtype == weight.dtype and x.device == weight.device

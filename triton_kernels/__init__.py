@@ -14,7 +14,7 @@ semantics, layouts and measured speed.
 from .common import HAS_TRITON, INTERPRET, kernels_available
 # Importing the op modules registers torch.ops.sparseffn.*.
 from .gated_mlp import (sparse_gate_up, sparse_gate_up_cpu, sparse_gate_up_ref, sparse_gated_mlp,
-                        sparse_gated_mlp_cpu, sparse_gated_mlp_ref)
+                        sparse_gated_mlp_cpu, sparse_gated_mlp_ref, sparse_gated_mlp_threshold_cpu)
 from .input_sparse import (input_sparse_gemv, input_sparse_gemv_cpu, input_sparse_gemv_grouped,
                            input_sparse_gemv_grouped_cpu, input_sparse_gemv_grouped_ref,
                            input_sparse_gemv_ref)
@@ -41,5 +41,6 @@ __all__ = [
     "sparse_gated_mlp",
     "sparse_gated_mlp_cpu",
     "sparse_gated_mlp_ref",
+    "sparse_gated_mlp_threshold_cpu",
     "tuning_log",
 ]

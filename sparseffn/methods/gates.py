@@ -36,6 +36,9 @@ class ActThresholdGate(NeuronGate):
 
     def decode(self, mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
         w_gate, w_up = mlp.gate_up_weights()
-        h = decode.gated_act(x, w_gate, w_up, self.value, mlp.kernel_act)
-        mlp.count(ACT_SITE, h != 0)  # an active neuron with h == 0 adds nothing
-        return decode.down_nonzero(h, mlp.base.down_proj.weight, mlp.zero)
+        y, contributed = decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight,
+                                                self.value, mlp.kernel_act, mlp.zero,
+                                                mlp._cpu_path)
+        if mlp.track:
+            mlp.counters[ACT_SITE].count(contributed != 0)
+        return y

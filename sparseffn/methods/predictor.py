@@ -63,7 +63,7 @@ class PredictorGate(NeuronGate):
         mask = above(self.scores(x), self.value)
         mlp.count(ACT_SITE, mask)
         return decode.gated_masked(x, w_gate, w_up, mlp.base.down_proj.weight, mask,
-                                   mlp.kernel_act)
+                                   mlp.kernel_act, mlp._cpu_path)
 
     def overhead_elements(self) -> int:
         return self.pred_a.numel() + self.pred_b.numel()  # read every step, never skipped

@@ -45,8 +45,9 @@ class TopKGate(NeuronGate):
         act = mlp.act_fn()(F.linear(x, w_gate))
         mask = self.mask(x, act)
         mlp.count(ACT_SITE, mask)
-        h = torch.where(mask, act * decode.up_masked(x, w_up, mask), 0)
-        return decode.down_masked(h, mlp.base.down_proj.weight, mask)
+        cpu = mlp._cpu_path
+        h = torch.where(mask, act * decode.up_masked(x, w_up, mask, cpu), 0)
+        return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu)
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, k={self.k}"

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from sparseffn import layout
-from sparseffn.dispatch import KernelMode, kernels_on, use_kernels, wants_layout
+from sparseffn.dispatch import (KernelMode, cpu_decode_path, kernels_on, takes_kernel_path,
+                                use_kernels)
 
 
 class SiteCounter(nn.Module):
@@ -86,6 +87,7 @@ class SparseModule(nn.Module):
         self.observe: Callable[[str, torch.Tensor], None] | None = None
         self.kernel_mode = KernelMode.AUTO
         self._layout_ready = False
+        self._cpu_path = False  # the kernel path runs the ops' CPU decode path
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -122,11 +124,16 @@ class SparseModule(nn.Module):
         """Projections the kernels read input-major (empty: no kernel plan)."""
         return []
 
+    def cpu_path_pays(self) -> bool:
+        """Whether this module's decode plan is faster through the ops' CPU decode path than
+        dense, for its shapes (``sparseffn.cpu_choice``); asked once, under AUTO on the CPU."""
+        return False
+
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         """Choose the policy and lay the weights out for it.
 
-        The weights are re-laid out only where the kernels can run (ALWAYS, or CUDA weights
-        under AUTO); elsewhere they get their original layout back, so the reference path stays
+        The weights are re-laid out only where the kernel path runs
+        (``sparseffn.dispatch.takes_kernel_path``); elsewhere they get their original layout back, so the reference path stays
         bit-equal to the unpatched model, unless ``keep_layout``: then the reference path runs
         on the kernels' layout, which makes its prefill bit-equal to the kernel path's (for
         checks that compare the two). A model moved to the GPU after patching needs this call
@@ -136,7 +143,9 @@ class SparseModule(nn.Module):
         self.kernel_mode = mode
         kernels_on("cuda"), kernels_on("cpu")  # cache availability now, not inside a compile
         linears = self.kernel_linears()
-        use = wants_layout(mode, [lin.weight for lin in linears])
+        weights = [lin.weight for lin in linears]
+        use = takes_kernel_path(mode, weights, self.cpu_path_pays)
+        self._cpu_path = use and cpu_decode_path(weights)
         for lin in linears:
             if use:
                 layout.make_input_major(lin)

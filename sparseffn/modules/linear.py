@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import decode
+from sparseffn import cpu_choice, decode
 from sparseffn.dispatch import KernelMode, is_plain_linear
 from sparseffn.modules.base import SparseModule, above
 
@@ -48,11 +48,14 @@ class SparseLinear(SparseModule):
         if group is not None and group.usable:
             y = group.output(self, x, x2)
         else:
-            y = decode.linear(x2, self.base.weight, self.base.bias, t)
+            y = decode.linear(x2, self.base.weight, self.base.bias, t, self._cpu_path)
         return y.reshape(x.shape[0], 1, y.shape[-1])
 
     def kernel_linears(self) -> list[nn.Module]:
         return [self.base] if self._kernel_ok else []
+
+    def cpu_path_pays(self) -> bool:
+        return cpu_choice.pays("input", tuple(self.base.weight.shape))
 
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         super().set_kernel_mode(mode, keep_layout)
@@ -88,6 +91,7 @@ class InputGroup:
         decode step only reads the flag."""
         ws = [m.base.weight for m in self.members]
         self.usable = (all(m._layout_ready for m in self.members)
+                       and len({m._cpu_path for m in self.members}) == 1
                        and len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1)
 
     def output(self, member: SparseLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -96,11 +100,12 @@ class InputGroup:
         if self.x is not x or self.outs is None:
             if member.group_index != 0:  # not the first call on this x: compute alone
                 return decode.linear(x2, member.base.weight, member.base.bias,
-                                     member.threshold(member.site))
+                                     member.threshold(member.site), member._cpu_path)
             ms = self.members
             self.outs = decode.grouped_linear(x2, [m.base.weight for m in ms],
                                               [m.base.bias for m in ms],
-                                              [m.threshold(m.site) for m in ms])
+                                              [m.threshold(m.site) for m in ms],
+                                              member._cpu_path)
             self.x = x
         y = self.outs[member.group_index]
         if member.group_index == len(self.members) - 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import decode
+from sparseffn import cpu_choice, decode
 from sparseffn.dispatch import is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
 from sparseffn.modules.base import SparseModule, above
@@ -109,6 +109,14 @@ class SparseGatedMLP(SparseModule):
             return [getattr(self.base, site) for site in self.sites]
         return []
 
+    def cpu_path_pays(self) -> bool:
+        hidden, inter = self.base.down_proj.weight.shape
+        if self.plan == "gate":
+            masked = self.neuron_gate.rows_per_neuron == 3  # gate rows skipped too
+            return cpu_choice.pays("neurons_masked" if masked else "neurons", (hidden, inter))
+        return all(cpu_choice.pays("input", tuple(lin.weight.shape))
+                   for lin in self.kernel_linears())
+
     def threshold(self, site: str) -> torch.Tensor | None:
         if site == ACT_SITE and self.neuron_gate is not None:
             return self.neuron_gate.threshold()
@@ -142,26 +150,27 @@ class SparseGatedMLP(SparseModule):
 
     def _decode_inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """The "input" plan: x [B, H] -> y [B, H]."""
-        base, t = self.base, super().threshold
+        base, t, cpu = self.base, super().threshold, self._cpu_path
         if self.track:
             for site in self.sites:
                 if site != "down_proj":
                     self.counters[site].count(above(x2.abs(), t(site)))
         if self.spec.fused_gate_up:
             gu = base.gate_up_proj
-            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj")).chunk(2, -1)
+            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj"), cpu).chunk(2, -1)
         elif t("gate_proj") is not None and t("up_proj") is not None:
             gp, up_ = base.gate_proj, base.up_proj
             gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight], [gp.bias, up_.bias],
-                                             [t("gate_proj"), t("up_proj")])
+                                             [t("gate_proj"), t("up_proj")], cpu)
         else:
-            gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias, t("gate_proj"))
-            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"))
+            gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias, t("gate_proj"),
+                                 cpu)
+            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"), cpu)
         h = self.act_fn()(gate) * up
         if self.track and t("down_proj") is not None:
             self.counters["down_proj"].count(above(h.abs(), t("down_proj")))
         down = base.down_proj
-        return decode.linear(h, down.weight, down.bias, t("down_proj"))
+        return decode.linear(h, down.weight, down.bias, t("down_proj"), cpu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""

@@ -31,6 +31,29 @@ def sparse_gate_up_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     return torch.where(active, g * output_sparse_gemv_cpu(x, w_up, active), 0)
 
 
+def sparse_gated_mlp_threshold_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                                   w_down_t: torch.Tensor, threshold: torch.Tensor,
+                                   activation: str = "silu"
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole MLP under a threshold on |act(gate)|, fused for the CPU: (y [B, H], active
+    bool [B, I]). Same function as ``sparse_gate_up`` then the input-sparse GEMV over h != 0.
+
+    One sequence (the decode step): the active neurons' up rows are gathered once and their
+    down rows summed by ``embedding_bag`` with weights act * up, so no [I]-wide intermediate is
+    built and the active set is found once.
+    """
+    g = _act(F.linear(x, w_gate), activation)
+    active = g.float().abs() > threshold.float()
+    if x.shape[0] != 1:
+        h = torch.where(active, g * output_sparse_gemv_cpu(x, w_up, active), 0)
+        return input_sparse_gemv_cpu(h, w_down_t, threshold=torch.zeros(())), active
+    rows = active[0].nonzero().squeeze(1)
+    coef = g[0].index_select(0, rows) * (w_up.index_select(0, rows) @ x[0])
+    y = F.embedding_bag(rows.unsqueeze(0), w_down_t, mode="sum",
+                        per_sample_weights=coef.unsqueeze(0))
+    return y, active
+
+
 def sparse_gated_mlp_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                          w_down_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
                          mask: Optional[torch.Tensor] = None,
