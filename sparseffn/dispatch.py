@@ -14,7 +14,6 @@ shapes, dtypes, devices and the grad mode.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +26,10 @@ from sparseffn.errors import SparseFFNError
 class KernelMode(str, Enum):
     """Where decode steps run the Triton kernels.
 
-    AUTO: at batch 1 (larger batches measured slower than dense and decode densely), on CUDA
-    tensors and on the CPU where its decode path measured faster than dense for the shape;
-    ALWAYS: any decode batch up to ``MAX_DECODE_BATCH`` on every device (on the CPU through
-    the Triton interpreter under TRITON_INTERPRET=1, as in the tests); NEVER: the reference
-    path everywhere, weights in their original layout.
+    AUTO: on CUDA tensors at batch 1 (larger batches measured slower than dense and decode
+    densely); ALWAYS: any decode batch up to ``MAX_DECODE_BATCH`` on every device (on the CPU
+    through the ops' CPU decode path, or the Triton interpreter under TRITON_INTERPRET=1 as in
+    the tests); NEVER: the reference path everywhere, weights in their original layout.
     """
 
     AUTO = "auto"
@@ -66,25 +64,20 @@ def kernels_on(device_type: str) -> bool:
     return _AVAILABLE[device_type]
 
 
-def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor],
-                      cpu_pays: Callable[[], bool]) -> bool:
+def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
     """Whether a module whose kernel-path weights are ``weights`` decodes through the kernel
     path under ``mode`` (decided at patch time; its weights are then laid out for it).
 
-    CUDA: AUTO and ALWAYS. CPU under TRITON_INTERPRET=1 (tests): ALWAYS, through the Triton
-    interpreter. CPU otherwise: the ops' CPU decode path, under ALWAYS, and under AUTO for
-    float32 weights where ``cpu_pays()`` measured it faster than dense (``cpu_path_pays``).
+    CUDA: AUTO and ALWAYS. CPU: ALWAYS only, through the Triton interpreter under
+    TRITON_INTERPRET=1 (the tests), else through the ops' CPU decode path, which on the built-in
+    135M model measured no faster than dense end to end (docs/e2e.md, "On the CPU").
     """
     if mode is KernelMode.NEVER or not weights:
         return False
     device = weights[0].device.type
     if device == "cuda":
         return True
-    if device != "cpu":
-        return False
-    if kernels_on("cpu"):
-        return mode is KernelMode.ALWAYS
-    return mode is KernelMode.ALWAYS or (weights[0].dtype == torch.float32 and cpu_pays())
+    return device == "cpu" and mode is KernelMode.ALWAYS
 
 
 def cpu_decode_path(weights: list[torch.Tensor]) -> bool:

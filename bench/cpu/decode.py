@@ -3,7 +3,8 @@
     python -m bench.cpu.decode --methods teal:all chess --sparsities 0.5 --threads 2 \
         --csv cpu_decode.csv
 
-Each point calibrates with ``sparsify`` (2048 tokens of Austen), then times greedy
+Each point calibrates with ``sparsify`` (2048 tokens of Austen) under ``--kernel-mode``
+("always": the ops' CPU decode path; "auto": the reference path on the CPU), then times greedy
 ``model.generate`` (``sparseffn.eval.speed.decode_speed``: decode steps only, prefill
 subtracted, median of repeats); the dense model is timed first in the same process. Rows name
 the CPU, the thread count and the versions.
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--kernel-mode", default="always", choices=["always", "auto"])
     p.add_argument("--csv")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.methods:
         for level in a.sparsities:
             sparseffn.sparsify(model, sparsity=level, calibration="austen", tokenizer=tokenizer,
-                               n_tokens=a.calib_tokens, progress=False, **parse_method(spec))
+                               n_tokens=a.calib_tokens, progress=False,
+                               kernel_mode=a.kernel_mode, **parse_method(spec))
             sparseffn.reset_sparsity_stats(model)
             speed = decode_speed(model, a.prompt, a.new_tokens, a.repeats)
             measured = sparseffn.sparsity_report(model).overall
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.csv:
         Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
         extra = {"cpu": dense.device, "threads": a.threads, "torch": torch.__version__,
+                 "kernel_mode": a.kernel_mode,
                  "prompt": a.prompt, "new_tokens": a.new_tokens}
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[*extra, *rows[0]])

@@ -10,7 +10,10 @@ from bench.cpu import decode
 pytestmark = pytest.mark.slow
 
 
-def test_cpu_decode_benchmark_writes_dense_and_sparse_rows(tmp_path):
+def test_cpu_decode_benchmark_writes_dense_and_sparse_rows(tmp_path, monkeypatch):
+    from sparseffn import dispatch
+    # The CPU decode path, not the Triton interpreter the tests set up for CPU tensors.
+    monkeypatch.setitem(dispatch._AVAILABLE, "cpu", False)
     out = tmp_path / "cpu.csv"
     assert decode.main(["--methods", "topk", "--sparsities", "0.5", "--prompt", "8",
                         "--new-tokens", "4", "--repeats", "1", "--threads", "1",

@@ -124,11 +124,6 @@ class SparseModule(nn.Module):
         """Projections the kernels read input-major (empty: no kernel plan)."""
         return []
 
-    def cpu_path_pays(self) -> bool:
-        """Whether this module's decode plan is faster through the ops' CPU decode path than
-        dense, for its shapes (``sparseffn.cpu_choice``); asked once, under AUTO on the CPU."""
-        return False
-
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         """Choose the policy and lay the weights out for it.
 
@@ -144,7 +139,7 @@ class SparseModule(nn.Module):
         kernels_on("cuda"), kernels_on("cpu")  # cache availability now, not inside a compile
         linears = self.kernel_linears()
         weights = [lin.weight for lin in linears]
-        use = takes_kernel_path(mode, weights, self.cpu_path_pays)
+        use = takes_kernel_path(mode, weights)
         self._cpu_path = use and cpu_decode_path(weights)
         for lin in linears:
             if use:

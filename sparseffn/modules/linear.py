@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import cpu_choice, decode
+from sparseffn import decode
 from sparseffn.dispatch import KernelMode, is_plain_linear
 from sparseffn.modules.base import SparseModule, above
 
@@ -53,9 +53,6 @@ class SparseLinear(SparseModule):
 
     def kernel_linears(self) -> list[nn.Module]:
         return [self.base] if self._kernel_ok else []
-
-    def cpu_path_pays(self) -> bool:
-        return cpu_choice.pays("input", tuple(self.base.weight.shape))
 
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         super().set_kernel_mode(mode, keep_layout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import cpu_choice, decode
+from sparseffn import decode
 from sparseffn.dispatch import is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
 from sparseffn.modules.base import SparseModule, above
@@ -108,14 +108,6 @@ class SparseGatedMLP(SparseModule):
         if self.plan == "input":
             return [getattr(self.base, site) for site in self.sites]
         return []
-
-    def cpu_path_pays(self) -> bool:
-        hidden, inter = self.base.down_proj.weight.shape
-        if self.plan == "gate":
-            masked = self.neuron_gate.rows_per_neuron == 3  # gate rows skipped too
-            return cpu_choice.pays("neurons_masked" if masked else "neurons", (hidden, inter))
-        return all(cpu_choice.pays("input", tuple(lin.weight.shape))
-                   for lin in self.kernel_linears())
 
     def threshold(self, site: str) -> torch.Tensor | None:
         if site == ACT_SITE and self.neuron_gate is not None:
