@@ -78,6 +78,10 @@ def test_gated_mlp_cpu(activation, h, i, sparsity, batch):
                                     activation=activation)
     _close(tk.sparse_gated_mlp_cpu(x, w_gate, w_up, w_down_t, threshold=t,
                                    activation=activation), y_ref, 1e-5)
+    y_fused, active = tk.sparse_gated_mlp_threshold_cpu(x, w_gate, w_up, w_down_t, t,
+                                                        activation)
+    _close(y_fused, y_ref, 1e-5)
+    assert torch.equal(active, act.abs() > t)
     mask = torch.rand(batch, i, generator=g) >= sparsity
     off = ~mask.any(dim=0)
     pg, pu, pd = (w.clone() for w in (w_gate, w_up, w_down_t))

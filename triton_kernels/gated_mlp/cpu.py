@@ -14,10 +14,7 @@ import torch.nn.functional as F
 
 from ..input_sparse.cpu import input_sparse_gemv_cpu
 from ..output_sparse.cpu import output_sparse_gemv_cpu
-
-
-def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
-    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+from .reference import activation_ref
 
 
 def sparse_gate_up_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -25,7 +22,7 @@ def sparse_gate_up_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
                        mask: Optional[torch.Tensor] = None,
                        activation: str = "silu") -> torch.Tensor:
     """x [B, H], w_gate and w_up [I, H] -> h [B, I] = act(gate) * up on active neurons."""
-    g = _act(F.linear(x, w_gate), activation)
+    g = activation_ref(F.linear(x, w_gate), activation)
     active = g.float().abs() > threshold.float() if threshold is not None \
         else mask.expand_as(g)
     return torch.where(active, g * output_sparse_gemv_cpu(x, w_up, active), 0)
@@ -42,7 +39,7 @@ def sparse_gated_mlp_threshold_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: 
     down rows summed by ``embedding_bag`` with weights act * up, so no [I]-wide intermediate is
     built and the active set is found once.
     """
-    g = _act(F.linear(x, w_gate), activation)
+    g = activation_ref(F.linear(x, w_gate), activation)
     active = g.float().abs() > threshold.float()
     if x.shape[0] != 1:
         h = torch.where(active, g * output_sparse_gemv_cpu(x, w_up, active), 0)
@@ -68,7 +65,7 @@ def sparse_gated_mlp_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
         return input_sparse_gemv_cpu(h, w_down_t, threshold=torch.zeros((), device=x.device))
     mask = mask.expand(x.shape[0], w_gate.shape[0])
     rows = mask.any(dim=0).nonzero().squeeze(1)
-    g = _act(x @ w_gate.index_select(0, rows).t(), activation)
+    g = activation_ref(x @ w_gate.index_select(0, rows).t(), activation)
     u = x @ w_up.index_select(0, rows).t()
     h = torch.where(mask[:, rows], g * u, 0)
     return h @ w_down_t.index_select(0, rows)

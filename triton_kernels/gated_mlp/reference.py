@@ -62,7 +62,7 @@ def validate_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return validate(x, w_gate, w_up, w_gate, threshold, mask, activation)
 
 
-def _act_ref(g: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_ref(g: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
 
 
@@ -76,7 +76,7 @@ def sparse_gate_up_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
 
     def r(v: torch.Tensor) -> torch.Tensor:  # rounded to x's dtype, as the dense module rounds
         return v.to(x.dtype).float()
-    g = r(_act_ref(r(xf @ w_gate.float().t()), activation))
+    g = r(activation_ref(r(xf @ w_gate.float().t()), activation))
     active = g.abs() > threshold.float() if threshold is not None else mask.expand_as(g)
     return torch.where(active, g * r(xf @ w_up.float().t()), 0.0).to(x.dtype)
 
