@@ -70,7 +70,7 @@ def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
 
     CUDA: AUTO and ALWAYS. CPU: ALWAYS only, through the Triton interpreter under
     TRITON_INTERPRET=1 (the tests), else through the ops' CPU decode path, which on the built-in
-    135M model measured no faster than dense end to end (docs/e2e.md, "On the CPU").
+    135M model gained only 1.02-1.08x end to end (docs/e2e.md, "On the CPU").
     """
     if mode is KernelMode.NEVER or not weights:
         return False

@@ -128,10 +128,10 @@ class SparseModule(nn.Module):
         """Choose the policy and lay the weights out for it.
 
         The weights are re-laid out only where the kernel path runs
-        (``sparseffn.dispatch.takes_kernel_path``); elsewhere they get their original layout back, so the reference path stays
-        bit-equal to the unpatched model, unless ``keep_layout``: then the reference path runs
-        on the kernels' layout, which makes its prefill bit-equal to the kernel path's (for
-        checks that compare the two). A model moved to the GPU after patching needs this call
+        (``sparseffn.dispatch.takes_kernel_path``); elsewhere they get their original layout
+        back, so the reference path stays bit-equal to the unpatched model, unless
+        ``keep_layout``: then the reference path runs on the kernels' layout, which makes its
+        prefill bit-equal to the kernel path's (for checks that compare the two). A model moved to the GPU after patching needs this call
         again.
         """
         mode = KernelMode.parse(mode)
