@@ -2,15 +2,17 @@
 compute-sanitizer (run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own
 allocation and an out-of-bounds access is caught)."""
 import sys
+from pathlib import Path
 
 import torch
 
-import sparseffn
-from bench.e2e.check import in_model_errors
-from bench.e2e.harness import prompt_ids
-from bench.e2e.run import calibrations
-from bench.e2e.shapes import build_model
-from sparseffn.patching import install
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench is not an installed package
+import sparseffn  # noqa: E402
+from bench.e2e.check import in_model_errors  # noqa: E402
+from bench.e2e.harness import prompt_ids  # noqa: E402
+from bench.e2e.run import calibrations  # noqa: E402
+from bench.e2e.shapes import build_model  # noqa: E402
+from sparseffn.patching import install  # noqa: E402
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
 dev = "cuda" if torch.cuda.is_available() else "cpu"

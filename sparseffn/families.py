@@ -127,7 +127,6 @@ def activation(spec: FamilySpec, mlp: nn.Module) -> nn.Module:
     return getattr(mlp, spec.act_attr)
 
 
-
 def window_bos(model: nn.Module, tokenizer: Any) -> int | None:
     """The BOS id that starts each calibration window of ``model``'s family, or None when the
     family does not expect one (or neither tokenizer nor config knows its id)."""
