@@ -149,10 +149,10 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method,
     return result
 
 
-def _scaffold(model: nn.Module, config: SparsityConfig, method: Method,
+def _scaffold(model: nn.Module, config: SparsityConfig,
               sparsities: dict[str, float]) -> Calibration:
-    """Zero thresholds at every site (top-k: sparsity 0): the patched model computes the dense
-    function. ``extras`` that a neuron gate needs are filled in by the caller."""
+    """Zero thresholds at every site: the patched model (neuron sites through the method's
+    ``calibration_gate``) computes the dense function."""
     zeros = {key: torch.zeros(()) for key in sparsities}
     return Calibration(config, fingerprint(model), dict.fromkeys(sparsities, 0.0), zeros)
 
@@ -205,7 +205,7 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
         raise CalibrationError(f"calibration token ids span [{int(windows.min())}, "
                                f"{int(windows.max())}], outside the model's vocabulary of "
                                f"{vocab}: tokenize with this model's tokenizer")
-    scaffold = _scaffold(model, config, method, sparsities)
+    scaffold = _scaffold(model, config, sparsities)
     was_training = model.training
     model.eval()
     install(model, scaffold, kernel_mode="never", calibrating=True)

@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from calibrate.histogram import quantile
-from sparseffn.methods.base import Method, StatSpec, register_method
-from sparseffn.methods.gates import ActThresholdGate
+from sparseffn.methods.base import StatSpec, register_method
+from sparseffn.methods.gates import ActThresholdMethod
 
 
 @register_method
-class Cats(Method):
+class Cats(ActThresholdMethod):
     name = "cats"
     criterion = "\\|act(gate(x))\\| above a threshold"
     granularity = "per layer"
     skips = "rows of up, columns of down (the gate is read densely)"
-    act_threshold = True
 
     def stat_specs(self, scope: str) -> tuple[StatSpec, ...]:
         return (StatSpec("hist.act", "act", "hist"),)
 
     def fit(self, stats: dict[str, torch.Tensor], site: str, sparsity: float) -> torch.Tensor:
         return quantile(stats["hist.act"], sparsity)[0]
-
-    def neuron_gate(self, mlp: nn.Module, threshold: torch.Tensor,
-                    extras: dict[str, torch.Tensor]) -> ActThresholdGate:
-        return ActThresholdGate(threshold, mlp.down_proj.weight.device)

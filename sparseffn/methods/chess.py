@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from calibrate.histogram import cdf_at
-from sparseffn.methods.base import Method, StatSpec, register_method
-from sparseffn.methods.gates import ActThresholdGate
+from sparseffn.methods.base import StatSpec, register_method
+from sparseffn.methods.gates import ActThresholdMethod
 
 
 @register_method
-class Chess(Method):
+class Chess(ActThresholdMethod):
     """Importance of neuron i is |act(gate_i)| * E|up_i|. One quantile q of it per layer gives
     neuron i the threshold q / E|up_i| on |act(gate_i)|: neurons whose up output is usually
     small are cut more readily. q is found by bisection on the per-channel histograms so that
@@ -22,7 +21,6 @@ class Chess(Method):
                  "(threshold on \\|act(gate_i)\\| of that quantile / E\\|up_i\\|)")
     granularity = "per neuron"
     skips = "rows of up, columns of down (the gate is read densely)"
-    act_threshold = True
 
     def stat_specs(self, scope: str) -> tuple[StatSpec, ...]:
         return (StatSpec("hist_channel.act", "act", "hist_channel"),
@@ -42,7 +40,3 @@ class Chess(Method):
             else:
                 hi = mid
         return (10 ** ((lo + hi) / 2) / scale).float()
-
-    def neuron_gate(self, mlp: nn.Module, threshold: torch.Tensor,
-                    extras: dict[str, torch.Tensor]) -> ActThresholdGate:
-        return ActThresholdGate(threshold, mlp.down_proj.weight.device)

@@ -1,9 +1,12 @@
-"""The runtime gate shared by the criteria that threshold |act(gate(x))| per neuron."""
+"""The runtime gate shared by the criteria that threshold |act(gate(x))| per neuron, and the
+base of those criteria."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sparseffn import decode
+from sparseffn.methods.base import Method
 from sparseffn.modules import ACT_SITE, NeuronGate, SparseGatedMLP, above, own_copy, set_buffer
 
 
@@ -42,3 +45,14 @@ class ActThresholdGate(NeuronGate):
         if mlp.track:
             mlp.counters[ACT_SITE].count(contributed != 0)
         return y
+
+
+class ActThresholdMethod(Method):
+    """A criterion whose runtime gate is a threshold on |act(gate(x))| (CATS, CHESS): it only
+    declares its statistics and how it fits the threshold."""
+
+    act_threshold = True
+
+    def neuron_gate(self, mlp: nn.Module, threshold: torch.Tensor,
+                    extras: dict[str, torch.Tensor]) -> ActThresholdGate:
+        return ActThresholdGate(threshold, mlp.down_proj.weight.device)
