@@ -3,10 +3,15 @@
 Each function is one decode-step operation on [B, K] activations (one token per sequence),
 named for what it computes; the sparse modules and the methods' neuron gates compose them into
 decode plans, and ``sparseffn.dispatch`` decides when they run. ``cpu`` selects the op's CPU
-decode path (called directly: the custom-op dispatcher costs more than a small CPU product);
+decode path (``triton_kernels.cpu``, compiled C++ called directly: the custom-op dispatcher
+costs more than a small CPU product);
 otherwise the custom op (Triton on CUDA, or on CPU tensors through the interpreter), which
 ``torch.compile`` and CUDA graphs capture. Weights the input-sparse ops skip rows of are stored
 input-major (``sparseffn.layout``), so ``weight.t()`` is contiguous.
+
+``counter`` (a site's ``SiteCounter``, or None when not tracking) receives the active entries
+the op tested: on the CPU path the op increments its counts itself, elsewhere they are counted
+here with the same fp32 test.
 """
 from __future__ import annotations
 
@@ -16,49 +21,78 @@ import torch.nn.functional as F
 import triton_kernels as tk  # also registers the torch.ops.sparseffn.* custom ops
 
 
+def above(magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``magnitude > threshold`` compared in fp32, as the kernels compare.
+
+    A 0-dim threshold would be rounded to a bf16/fp16 ``magnitude``'s dtype first (0-dim
+    tensors do not take part in type promotion); as a [1] tensor it promotes the comparison.
+    """
+    return magnitude > (threshold if threshold.dim() else threshold.reshape(1))
+
+
+def _counts(counter) -> torch.Tensor | None:
+    return None if counter is None else counter.counts
+
+
 def _input_sparse(cpu: bool):
     return tk.input_sparse_gemv_cpu if cpu else torch.ops.sparseffn.input_sparse_gemv
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           threshold: torch.Tensor | None, cpu: bool = False) -> torch.Tensor:
+           threshold: torch.Tensor | None, cpu: bool = False, counter=None) -> torch.Tensor:
     """x [B, K] -> [B, N]: the input-sparse GEMV on an input-major weight, or dense."""
     if threshold is None:
         return F.linear(x, weight, bias)
-    y = _input_sparse(cpu)(x, weight.t(), threshold=threshold)
+    if cpu:
+        y = tk.input_sparse_gemv_cpu(x, weight.t(), threshold=threshold,
+                                     counts=_counts(counter))
+    else:
+        if counter is not None:
+            counter.count(above(x.abs(), threshold))
+        y = torch.ops.sparseffn.input_sparse_gemv(x, weight.t(), threshold=threshold)
     return y if bias is None else y + bias
 
 
 def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
                    biases: list[torch.Tensor | None], thresholds: list[torch.Tensor],
-                   cpu: bool = False) -> list[torch.Tensor]:
+                   cpu: bool = False, counters: list | None = None) -> list[torch.Tensor]:
     """x [B, K] -> one [B, N_g] per weight: the input-sparse GEMV of every input-major weight
-    with its own threshold, in one launch (outputs are views of one [B, sum N_g] tensor)."""
-    grouped = tk.input_sparse_gemv_grouped_cpu if cpu \
-        else torch.ops.sparseffn.input_sparse_gemv_grouped
-    y = grouped(x, [w.t() for w in weights], list(thresholds))
+    with its own threshold (and counter), in one launch (outputs are views of one
+    [B, sum N_g] tensor)."""
+    counters = counters or [None] * len(weights)
+    if cpu:
+        y = tk.input_sparse_gemv_grouped_cpu(x, [w.t() for w in weights], list(thresholds),
+                                             counts=[_counts(c) for c in counters])
+    else:
+        for c, t in zip(counters, thresholds):
+            if c is not None:
+                c.count(above(x.abs(), t))
+        y = torch.ops.sparseffn.input_sparse_gemv_grouped(x, [w.t() for w in weights],
+                                                          list(thresholds))
     outs = y.split([w.shape[0] for w in weights], dim=-1)
     return [o if b is None else o + b for o, b in zip(outs, biases)]
 
 
 def gated_act(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, threshold: torch.Tensor,
-              activation: str, cpu: bool = False) -> torch.Tensor:
+              activation: str) -> torch.Tensor:
     """h [B, I] = act(gate) * up on neurons with |act(gate)| > threshold, zeros elsewhere."""
-    gate_up = tk.sparse_gate_up_cpu if cpu else torch.ops.sparseffn.sparse_gate_up
-    return gate_up(x, w_gate, w_up, threshold=threshold, activation=activation)
+    return torch.ops.sparseffn.sparse_gate_up(x, w_gate, w_up, threshold=threshold,
+                                              activation=activation)
 
 
 def gated_threshold(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                     w_down: torch.Tensor, threshold: torch.Tensor, activation: str,
-                    zero: torch.Tensor, cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole MLP [B, H] -> [B, H] under |act(gate)| > threshold: (y, a tensor whose nonzero
-    entries [B, I] are the neurons that contributed). The gate is read densely, up and down
-    rows of active neurons only (down stored input-major)."""
+                    zero: torch.Tensor, cpu: bool = False, counter=None) -> torch.Tensor:
+    """The whole MLP [B, H] -> [B, H] under |act(gate)| > threshold; ``counter`` counts the
+    neurons that contributed. The gate is read densely, up and down rows of active neurons only
+    (down stored input-major)."""
     if cpu:
-        return tk.sparse_gated_mlp_threshold_cpu(x, w_gate, w_up, w_down.t(), threshold,
-                                                 activation)
+        return tk.sparse_gated_mlp_cpu(x, w_gate, w_up, w_down.t(), threshold=threshold,
+                                       activation=activation, counts=_counts(counter))[0]
     h = gated_act(x, w_gate, w_up, threshold, activation)
-    return down_nonzero(h, w_down, zero), h
+    if counter is not None:
+        counter.count(h != 0)
+    return down_nonzero(h, w_down, zero)
 
 
 def down_nonzero(h: torch.Tensor, w_down: torch.Tensor, zero: torch.Tensor,
@@ -72,8 +106,11 @@ def gated_masked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  cpu: bool = False) -> torch.Tensor:
     """The whole MLP [B, H] -> [B, H] on the neurons of ``mask`` [B, I] only: gate, up and
     down rows of the others are never read (down stored input-major)."""
-    mlp = tk.sparse_gated_mlp_cpu if cpu else torch.ops.sparseffn.sparse_gated_mlp
-    return mlp(x, w_gate, w_up, w_down.t(), mask=mask, activation=activation)
+    if cpu:
+        return tk.sparse_gated_mlp_cpu(x, w_gate, w_up, w_down.t(), mask=mask,
+                                       activation=activation)[0]
+    return torch.ops.sparseffn.sparse_gated_mlp(x, w_gate, w_up, w_down.t(), mask=mask,
+                                                activation=activation)
 
 
 def up_masked(x: torch.Tensor, w_up: torch.Tensor, mask: torch.Tensor,

@@ -20,16 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_kernels
+import triton_kernels.cpu
+from sparseffn.cpu_probe import cpu_path_pays
 from sparseffn.errors import SparseFFNError
 
 
 class KernelMode(str, Enum):
     """Where decode steps run the Triton kernels.
 
-    AUTO: on CUDA tensors at batch 1 (larger batches measured slower than dense and decode
-    densely); ALWAYS: any decode batch up to ``MAX_DECODE_BATCH`` on every device (on the CPU
-    through the ops' CPU decode path, or the Triton interpreter under TRITON_INTERPRET=1 as in
-    the tests); NEVER: the reference path everywhere, weights in their original layout.
+    AUTO: at batch 1 on CUDA tensors, and on CPU tensors through the compiled CPU ops where
+    they measure at least as fast as dense for the module's shapes (``sparseffn.cpu_probe``);
+    larger batches measured slower than dense and decode densely. ALWAYS: any decode batch up
+    to ``MAX_DECODE_BATCH`` on every device (on the CPU through the compiled CPU ops, or the
+    Triton interpreter under TRITON_INTERPRET=1 as in the tests). NEVER: the reference path
+    everywhere, weights in their original layout (the patched model at sparsity 0 then equals
+    the original bit for bit).
     """
 
     AUTO = "auto"
@@ -68,22 +73,27 @@ def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
     """Whether a module whose kernel-path weights are ``weights`` decodes through the kernel
     path under ``mode`` (decided at patch time; its weights are then laid out for it).
 
-    CUDA: AUTO and ALWAYS. CPU: ALWAYS only, through the Triton interpreter under
-    TRITON_INTERPRET=1 (the tests), else through the ops' CPU decode path, which on the built-in
-    135M model gained only 1.02-1.08x end to end (docs/e2e.md, "On the CPU").
+    CUDA: AUTO and ALWAYS. CPU: ALWAYS (the Triton interpreter under TRITON_INTERPRET=1, as in
+    the tests, else the compiled CPU ops) and AUTO where the CPU ops are measured at least as
+    fast as dense for these weights' shapes (``sparseffn.cpu_probe``).
     """
     if mode is KernelMode.NEVER or not weights:
         return False
     device = weights[0].device.type
     if device == "cuda":
         return True
-    return device == "cpu" and mode is KernelMode.ALWAYS
+    if device != "cpu":
+        return False
+    if mode is KernelMode.ALWAYS:
+        return kernels_on("cpu") or triton_kernels.cpu.available()
+    return cpu_path_pays(weights)
 
 
-def cpu_decode_path(weights: list[torch.Tensor]) -> bool:
-    """Whether a kernel path on these weights runs the ops' CPU decode path (CPU tensors
-    without the Triton interpreter)."""
-    return bool(weights) and weights[0].device.type == "cpu" and not kernels_on("cpu")
+def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
+    """Whether a kernel path on these weights runs the compiled CPU ops: CPU tensors, except
+    under ALWAYS with the Triton interpreter (which the tests run the Triton kernels through)."""
+    return (bool(weights) and weights[0].device.type == "cpu"
+            and not (mode is KernelMode.ALWAYS and kernels_on("cpu")))
 
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,

@@ -1,14 +1,15 @@
-"""The CPU decode path of the sparse modules (the ops' ``cpu`` implementations, taken under
-``kernel_mode="always"`` on CPU tensors without the Triton interpreter): within fp32 rounding of
-the reference path on tiny models of every family and every method; AUTO keeps the CPU on the
-reference path."""
+"""The CPU decode path of the sparse modules (the compiled ops of ``triton_kernels.cpu``, taken
+under ``kernel_mode="always"`` on CPU tensors without the Triton interpreter, and under AUTO
+where ``sparseffn.cpu_probe`` measures them at least as fast as the reference path): within
+fp32 rounding of the reference path on tiny models of every family and every method, with the
+same greedy tokens and the same counted sparsity."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import sparseffn
-from sparseffn import dispatch, layout
+from sparseffn import cpu_probe, dispatch, layout
 from sparseffn.patching import sparse_modules
 from sparseffn.testing import TINY_FAMILIES, teacher_forced_logits, tiny_model
 
@@ -20,8 +21,14 @@ SPECS = ["teal:all", "wina:mlp", "cats", "chess", "topk", "predictor"]
 
 @pytest.fixture
 def cpu_path(monkeypatch):
-    """CPU tensors take the gather-based CPU path, not the Triton interpreter."""
+    """CPU tensors take the compiled CPU path under ALWAYS, not the Triton interpreter."""
     monkeypatch.setitem(dispatch._AVAILABLE, "cpu", False)
+
+
+def _probe_says(monkeypatch, op_faster: bool) -> None:
+    """Every shape measures as if the op were (or were not) faster than the reference path."""
+    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype: (1.0, 2.0) if op_faster
+                        else (2.0, 1.0))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -55,12 +62,57 @@ def test_cpu_path_counts_the_same_sparsity(cpu_path):
     assert fast == pytest.approx(sparseffn.sparsity_report(model).overall, abs=0.02)
 
 
-def test_auto_keeps_the_cpu_on_the_reference_path(cpu_path):
+def test_auto_takes_the_cpu_path_where_measured_faster(monkeypatch):
+    _probe_says(monkeypatch, op_faster=True)
     model = tiny_model("llama")
     sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
+    modules = [m for _, m in sparse_modules(model)]
+    assert modules and all(m._cpu_path and m._layout_ready for m in modules)
+    assert all(layout.is_input_major(m.kernel_linears()[0].weight) for m in modules)
+    fast = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    sparseffn.set_kernel_mode(model, "never")
+    assert torch.equal(fast, model.generate(PROMPT, max_new_tokens=8, do_sample=False))
+
+
+def test_auto_falls_back_to_the_reference_path_where_slower(monkeypatch):
+    _probe_says(monkeypatch, op_faster=False)
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "chess", 0.5, IDS, n_tokens=1024, progress=False)
     for _, m in sparse_modules(model):
         assert not m._layout_ready and not m._cpu_path
         assert all(lin.weight.is_contiguous() for lin in m.kernel_linears())  # no relayout
-    sparseffn.set_kernel_mode(model, "always")
-    assert all(m._cpu_path and layout.is_input_major(m.kernel_linears()[0].weight)
-               for _, m in sparse_modules(model))
+
+
+def test_the_probe_decides_per_shape_once_and_a_group_together(monkeypatch):
+    """q, k and v run as one call: they decide on their summed times, so they agree even where
+    k/v alone would lose; each shape is measured once."""
+    calls = []
+
+    def measure(n, k, dtype):
+        calls.append((n, k))
+        return (1.0, 1.5) if n == k else (1.0, 0.9)  # q (square) wins, k and v lose
+    monkeypatch.setattr(cpu_probe, "_measure", measure)
+    monkeypatch.setattr(cpu_probe, "_TIMES", {})
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    assert k.base.weight.shape != q.base.weight.shape  # k alone: 1.0 against 0.9, loses
+    assert q._cpu_path and k._cpu_path and v._cpu_path
+    assert len(set(calls)) == len(calls)
+
+
+def test_the_measured_probe_runs_both_products():
+    op, ref = cpu_probe._measure(24, 40, torch.float32)
+    assert 0 < op < 1 and 0 < ref < 1
+
+
+def test_no_compiler_means_the_reference_path_and_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_probe.cpu_ops, "available", lambda: False)
+    monkeypatch.setattr(cpu_probe.cpu_ops, "unavailable_reason", lambda: "no C++ compiler")
+    monkeypatch.setattr(cpu_probe, "_WARNED", False)
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="sparseffn"):
+        sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
+    assert not any(m._cpu_path for _, m in sparse_modules(model))
+    assert sum("no CPU decode path" in r.message for r in caplog.records) == 1

@@ -39,12 +39,9 @@ class ActThresholdGate(NeuronGate):
 
     def decode(self, mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
         w_gate, w_up = mlp.gate_up_weights()
-        y, contributed = decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight,
-                                                self.value, mlp.kernel_act, mlp.zero,
-                                                mlp._cpu_path)
-        if mlp.track:
-            mlp.counters[ACT_SITE].count(contributed != 0)
-        return y
+        return decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight, self.value,
+                                      mlp.kernel_act, mlp.zero, mlp._cpu_path,
+                                      mlp.counters[ACT_SITE] if mlp.track else None)
 
 
 class ActThresholdMethod(Method):

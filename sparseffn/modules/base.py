@@ -18,36 +18,37 @@ import torch
 from torch import nn
 
 from sparseffn import layout
+from sparseffn.decode import above  # noqa: F401  (re-exported: the reference path's test)
 from sparseffn.dispatch import (KernelMode, cpu_decode_path, kernels_on, takes_kernel_path,
                                 use_kernels)
 
 
 class SiteCounter(nn.Module):
-    """Active/total counts of one gated site, plus the weight elements it covers."""
+    """Active/total counts of one gated site, plus the weight elements it covers.
+
+    The counts live in one int64 [2] buffer, [active, total], which the CPU decode ops
+    increment in place (no tensor op per call)."""
 
     def __init__(self, covered_elements: int, device: torch.device) -> None:
         super().__init__()
         self.covered_elements = covered_elements
-        for name in ("active", "total"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device),
-                                 persistent=False)
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.int64, device=device),
+                             persistent=False)
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.counts[0]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.counts[1]
 
     def count(self, mask: torch.Tensor) -> None:
-        self.active += mask.sum()
-        self.total += mask.numel()
+        self.counts[0] += mask.sum()
+        self.counts[1] += mask.numel()
 
     def reset(self) -> None:
-        self.active.zero_()
-        self.total.zero_()
-
-
-def above(magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``magnitude > threshold`` compared in fp32, as the kernels compare.
-
-    A 0-dim threshold would be rounded to a bf16/fp16 ``magnitude``'s dtype first (0-dim
-    tensors do not take part in type promotion); as a [1] tensor it promotes the comparison.
-    """
-    return magnitude > (threshold if threshold.dim() else threshold.reshape(1))
+        self.counts.zero_()
 
 
 def own_copy(value: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -124,6 +125,11 @@ class SparseModule(nn.Module):
         """Projections the kernels read input-major (empty: no kernel plan)."""
         return []
 
+    def decision_weights(self) -> list[torch.Tensor]:
+        """The weights whose products the kernel path replaces (what the CPU's AUTO decision
+        measures, ``sparseffn.cpu_probe``): by default those of ``kernel_linears``."""
+        return [lin.weight for lin in self.kernel_linears()]
+
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         """Choose the policy and lay the weights out for it.
 
@@ -139,8 +145,8 @@ class SparseModule(nn.Module):
         kernels_on("cuda"), kernels_on("cpu")  # cache availability now, not inside a compile
         linears = self.kernel_linears()
         weights = [lin.weight for lin in linears]
-        use = takes_kernel_path(mode, weights)
-        self._cpu_path = use and cpu_decode_path(weights)
+        use = bool(weights) and takes_kernel_path(mode, self.decision_weights())
+        self._cpu_path = use and cpu_decode_path(mode, weights)
         for lin in linears:
             if use:
                 layout.make_input_major(lin)

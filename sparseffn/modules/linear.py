@@ -41,18 +41,25 @@ class SparseLinear(SparseModule):
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(x.shape[0], x.shape[-1])
-        t = self.threshold(self.site)
-        if self.track:
-            self.counters[self.site].count(above(x2.abs(), t))
         group = self.group
         if group is not None and group.usable:
             y = group.output(self, x, x2)
         else:
-            y = decode.linear(x2, self.base.weight, self.base.bias, t, self._cpu_path)
+            y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold(self.site),
+                              self._cpu_path, self.counter())
         return y.reshape(x.shape[0], 1, y.shape[-1])
+
+    def counter(self):
+        """This site's counter on a tracked call, else None."""
+        return self.counters[self.site] if self.track else None
 
     def kernel_linears(self) -> list[nn.Module]:
         return [self.base] if self._kernel_ok else []
+
+    def decision_weights(self) -> list[torch.Tensor]:
+        # The members of a group decide together: they run as one call.
+        members = self.group.members if self.group is not None else [self]
+        return [lin.weight for m in members for lin in m.kernel_linears()]
 
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         super().set_kernel_mode(mode, keep_layout)
@@ -93,16 +100,18 @@ class InputGroup:
 
     def output(self, member: SparseLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Member's [B, N] output for the module input x ([B, 1, K], the tensor whose identity
-        says the members share it) viewed as x2 [B, K], from the shared launch."""
+        says the members share it) viewed as x2 [B, K], from the shared launch (which counts
+        every member's site)."""
         if self.x is not x or self.outs is None:
             if member.group_index != 0:  # not the first call on this x: compute alone
                 return decode.linear(x2, member.base.weight, member.base.bias,
-                                     member.threshold(member.site), member._cpu_path)
+                                     member.threshold(member.site), member._cpu_path,
+                                     member.counter())
             ms = self.members
             self.outs = decode.grouped_linear(x2, [m.base.weight for m in ms],
                                               [m.base.bias for m in ms],
                                               [m.threshold(m.site) for m in ms],
-                                              member._cpu_path)
+                                              member._cpu_path, [m.counter() for m in ms])
             self.x = x
         y = self.outs[member.group_index]
         if member.group_index == len(self.members) - 1:

@@ -109,6 +109,11 @@ class SparseGatedMLP(SparseModule):
             return [getattr(self.base, site) for site in self.sites]
         return []
 
+    def decision_weights(self) -> list[torch.Tensor]:
+        if self.plan == "gate":  # the neuron gate's plan replaces all three products
+            return [*self.gate_up_weights(), self.base.down_proj.weight]
+        return super().decision_weights()
+
     def threshold(self, site: str) -> torch.Tensor | None:
         if site == ACT_SITE and self.neuron_gate is not None:
             return self.neuron_gate.threshold()
@@ -143,26 +148,27 @@ class SparseGatedMLP(SparseModule):
     def _decode_inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """The "input" plan: x [B, H] -> y [B, H]."""
         base, t, cpu = self.base, super().threshold, self._cpu_path
-        if self.track:
-            for site in self.sites:
-                if site != "down_proj":
-                    self.counters[site].count(above(x2.abs(), t(site)))
+
+        def counter(site: str):
+            return self.counters[site] if self.track and site in self.counters else None
         if self.spec.fused_gate_up:
             gu = base.gate_up_proj
-            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj"), cpu).chunk(2, -1)
+            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj"), cpu,
+                                     counter("gate_up_proj")).chunk(2, -1)
         elif t("gate_proj") is not None and t("up_proj") is not None:
             gp, up_ = base.gate_proj, base.up_proj
             gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight], [gp.bias, up_.bias],
-                                             [t("gate_proj"), t("up_proj")], cpu)
+                                             [t("gate_proj"), t("up_proj")], cpu,
+                                             [counter("gate_proj"), counter("up_proj")])
         else:
             gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias, t("gate_proj"),
-                                 cpu)
-            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"), cpu)
+                                 cpu, counter("gate_proj"))
+            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"), cpu,
+                               counter("up_proj"))
         h = self.act_fn()(gate) * up
-        if self.track and t("down_proj") is not None:
-            self.counters["down_proj"].count(above(h.abs(), t("down_proj")))
         down = base.down_proj
-        return decode.linear(h, down.weight, down.bias, t("down_proj"), cpu)
+        return decode.linear(h, down.weight, down.bias, t("down_proj"), cpu,
+                             counter("down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""

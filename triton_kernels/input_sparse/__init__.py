@@ -1,10 +1,7 @@
 """Input-sparse GEMV (y = W[:, active] x[active]) and its grouped form: ``op`` registers the
-custom ops, ``kernel`` holds the Triton kernel, ``reference`` the plain-PyTorch reference, ``cpu``
-the CPU decode path."""
-from .cpu import input_sparse_gemv_cpu, input_sparse_gemv_grouped_cpu
+custom ops, ``kernel`` holds the Triton kernel, ``reference`` the plain-PyTorch reference."""
 from .op import input_sparse_gemv, input_sparse_gemv_grouped
 from .reference import input_sparse_gemv_grouped_ref, input_sparse_gemv_ref
 
-__all__ = ["input_sparse_gemv", "input_sparse_gemv_cpu", "input_sparse_gemv_grouped",
-           "input_sparse_gemv_grouped_cpu", "input_sparse_gemv_grouped_ref",
+__all__ = ["input_sparse_gemv", "input_sparse_gemv_grouped", "input_sparse_gemv_grouped_ref",
            "input_sparse_gemv_ref"]

@@ -1,8 +1,6 @@
 """Output-sparse GEMV (y = W[active] x, zeros elsewhere): ``op`` registers the custom op,
-``kernel`` holds the Triton kernel, ``reference`` the plain-PyTorch reference, ``cpu`` the CPU
-decode path."""
-from .cpu import output_sparse_gemv_cpu
+``kernel`` holds the Triton kernel, ``reference`` the plain-PyTorch reference."""
 from .op import output_sparse_gemv
 from .reference import output_sparse_gemv_ref
 
-__all__ = ["output_sparse_gemv", "output_sparse_gemv_cpu", "output_sparse_gemv_ref"]
+__all__ = ["output_sparse_gemv", "output_sparse_gemv_ref"]
