@@ -8,6 +8,8 @@ setup(
     "with Triton kernels that skip inactive weights during decoding",
     # bench/ and scripts/ run from the source checkout; they are not installed.
     packages=find_packages(include=["sparseffn*", "triton_kernels*", "calibrate*"]),
+    # The CPU decode ops are compiled on the user's machine at first use (triton_kernels.cpu).
+    package_data={"triton_kernels.cpu": ["ops.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

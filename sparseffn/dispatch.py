@@ -97,7 +97,7 @@ def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
 
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
-                weight: torch.Tensor) -> bool:
+                weight: torch.Tensor, cpu_path: bool = False) -> bool:
     """Whether this call takes the kernel path.
 
     Args:
@@ -107,8 +107,10 @@ def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.
         observing: a calibration observer is attached (it must see the reference path).
         x: the module input; a decode step is [B, 1, H].
         weight: a weight the kernels read (dtype and device must match x).
+        cpu_path: the module's kernel path is the compiled CPU ops, which are plain C calls
+            that ``torch.compile`` cannot trace: a compiled forward takes the reference path.
     """
-    if not layout_ready or observing:
+    if not layout_ready or observing or (cpu_path and torch.compiler.is_compiling()):
         return False
     # The path was chosen for the weights' device when the mode was set (takes_kernel_path).
     ok = kernels_on("cuda") if x.device.type == "cuda" else x.device.type == "cpu"

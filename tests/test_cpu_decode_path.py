@@ -116,3 +116,19 @@ def test_no_compiler_means_the_reference_path_and_one_warning(monkeypatch, caplo
         sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
     assert not any(m._cpu_path for _, m in sparse_modules(model))
     assert sum("no CPU decode path" in r.message for r in caplog.records) == 1
+
+
+def test_a_compiled_step_runs_the_reference_path(monkeypatch):
+    """The CPU ops are plain C calls that torch.compile cannot trace: a compiled decode step
+    (sparseffn.generate) takes the reference path instead of failing, and the eager steps still
+    take the CPU ops."""
+    _probe_says(monkeypatch, op_faster=True)
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
+    torch._dynamo.reset()
+    out = sparseffn.generate(model, PROMPT, 4, eos_token_id=None, max_cache_len=16)
+    assert out.shape == (1, PROMPT.shape[1] + 4)
+    sparseffn.reset_sparsity_stats(model)
+    before = int(model.model.layers[0].self_attn.q_proj.counters["q_proj"].total)
+    sparseffn.generate(model, PROMPT, 2, eos_token_id=None, compile=False)
+    assert int(model.model.layers[0].self_attn.q_proj.counters["q_proj"].total) > before

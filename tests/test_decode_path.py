@@ -137,7 +137,9 @@ def test_kernel_mode_never_keeps_layout_and_set_kernel_mode_switches():
     down = model.model.layers[0].mlp.base.down_proj
     assert down.weight.is_contiguous()
     sparseffn.set_kernel_mode(model, "auto")
-    assert down.weight.is_contiguous() == (DEVICE == "cpu")  # re-laid out only where kernels run
+    # Re-laid out only where the kernel path runs (on the CPU: where the probe measured the
+    # compiled CPU ops faster, sparseffn.cpu_probe).
+    assert down.weight.is_contiguous() != model.model.layers[0].mlp._layout_ready
     sparseffn.set_kernel_mode(model, "always")
     assert layout.is_input_major(down.weight)
     sparseffn.set_kernel_mode(model, "never")

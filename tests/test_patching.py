@@ -44,7 +44,11 @@ def test_sparsity_zero_matches_dense_exactly(method, scope, tokenizer, texts):
     model = tiny_model("llama")
     ids = torch.randint(3, 1000, (2, 16))
     dense = logits(model, ids)
-    sparseffn.sparsify(model, method, 0.0, texts, tokenizer=tokenizer, scope=scope, **CALIB)
+    # The contract holds on the reference path, weights in their own layout; the kernel path
+    # (CUDA, or the CPU ops where measured faster) agrees within rounding (test_decode_path.py,
+    # test_cpu_decode_path.py).
+    sparseffn.sparsify(model, method, 0.0, texts, tokenizer=tokenizer, scope=scope,
+                       kernel_mode="never", **CALIB)
     assert torch.equal(logits(model, ids), dense)
 
 
@@ -129,5 +133,7 @@ def test_device_map_split_model_runs_on_cpu(tokenizer, texts):
     # a CI machine's BLAS gave last-bit differences against the undispatched model once
     # (test_sparsity_zero_matches_dense_exactly covers the undispatched case).
     dense = logits(model, ids)
-    sparseffn.sparsify(model, "cats", 0.0, texts, tokenizer=tokenizer, **CALIB)
+    # On the reference path (weights in their own layout), the exactness contract.
+    sparseffn.sparsify(model, "cats", 0.0, texts, tokenizer=tokenizer, kernel_mode="never",
+                       **CALIB)
     assert torch.equal(logits(model, ids), dense)

@@ -60,8 +60,8 @@ def test_check_kernel_path_agrees_and_names_a_departing_module(monkeypatch):
     real = decode.grouped_linear
     target = model.model.layers[1].self_attn.q_proj.base.weight
 
-    def faulty(x, weights, biases, thresholds, cpu=False):
-        outs = real(x, weights, biases, thresholds, cpu)
+    def faulty(x, weights, biases, thresholds, cpu=False, counters=None):
+        outs = real(x, weights, biases, thresholds, cpu, counters)
         return [o + 1.0 for o in outs] if weights[0] is target else outs
     monkeypatch.setattr(decode, "grouped_linear", faulty)
     bad = check_kernel_path(model, prompt=6, new_tokens=4, kernel_mode="always")

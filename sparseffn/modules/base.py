@@ -162,4 +162,4 @@ class SparseModule(nn.Module):
     def use_kernels(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the kernel path (``sparseffn.dispatch.use_kernels``)."""
         return use_kernels(self.kernel_mode, self._layout_ready, self.observe is not None, x,
-                           weight)
+                           weight, self._cpu_path)
