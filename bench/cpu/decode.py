@@ -58,12 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--kernel-mode", default="auto", choices=["always", "auto"])
+    p.add_argument("--shape", help="a random-weight model of this bench.e2e.shapes shape "
+                   "(fp32) instead of the built-in model, calibrated on random token ids")
+    p.add_argument("--layers", type=int, help="with --shape: this many decoder layers")
     p.add_argument("--csv")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model, tokenizer = sparseffn.load_builtin_model()
-    text = " ".join(load_texts("news", split="evaluation"))
-    prompt_ids = tokenizer(text, return_tensors="pt").input_ids[:, :a.prompt]
+    if a.shape:
+        from bench.e2e.shapes import build_model
+        model, tokenizer = build_model(a.shape, torch.float32, "cpu", a.layers), None
+        g = torch.Generator().manual_seed(11)
+        vocab = model.config.vocab_size
+        calibration = torch.randint(1, vocab, (max(1, a.calib_tokens // 256), 256), generator=g)
+        prompt_ids = torch.randint(1, vocab, (1, a.prompt), generator=g)
+    else:
+        model, tokenizer = sparseffn.load_builtin_model()
+        calibration = "austen"
+        text = " ".join(load_texts("news", split="eval"))
+        prompt_ids = tokenizer(text, return_tensors="pt").input_ids[:, :a.prompt]
     dense = decode_speed(model, a.prompt, a.new_tokens, a.repeats)
     rows = [{"method": "dense", "target": 0.0, "measured": 0.0,
              "tok_s": round(dense.tokens_per_s, 2), "speedup": 1.0, "over_level0": "",
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.methods:
         level0 = None
         for level in a.sparsities:
-            sparseffn.sparsify(model, sparsity=level, calibration="austen", tokenizer=tokenizer,
+            sparseffn.sparsify(model, sparsity=level, calibration=calibration, tokenizer=tokenizer,
                                n_tokens=a.calib_tokens, progress=False,
                                kernel_mode=a.kernel_mode, **parse_method(spec))
             sparseffn.reset_sparsity_stats(model)
@@ -95,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'equal' if same else 'DIFFER from'} the reference path's)", flush=True)
     if a.csv:
         Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
-        extra = {"cpu": dense.device, "threads": a.threads, "torch": torch.__version__,
+        extra = {"model": f"{a.shape} ({a.layers or 'all'} layers, random weights)" if a.shape
+                 else "SmolLM2-135M", "cpu": dense.device, "threads": a.threads,
+                 "torch": torch.__version__,
                  "kernel_mode": a.kernel_mode,
                  "prompt": a.prompt, "new_tokens": a.new_tokens}
         with open(a.csv, "w", newline="") as f:

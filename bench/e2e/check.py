@@ -286,15 +286,21 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import triton_kernels.cpu
     from sparseffn.dispatch import kernels_on
     device_type = torch.device(args.device).type
-    if not kernels_on(device_type) or (device_type == "cpu" and args.kernel_mode != "always"):
+    # On the CPU the kernel path is the compiled CPU ops (or, under TRITON_INTERPRET=1 and
+    # --kernel-mode always, the Triton interpreter).
+    runs = kernels_on(device_type) if device_type == "cuda" else (
+        device_type == "cpu" and (triton_kernels.cpu.available()
+                                  or (kernels_on("cpu") and args.kernel_mode == "always")))
+    if not runs:
         # Otherwise the "kernel path" would be the reference path compared with itself.
         raise SystemExit(
-            f"bench check compares the Triton kernels with the reference path, and they do not "
+            f"bench check compares the kernel path with the reference path, and it does not "
             f"run on {args.device} here under --kernel-mode {args.kernel_mode}: use a CUDA "
-            "device, or on the CPU set TRITON_INTERPRET=1 and pass --kernel-mode always "
-            "--dtype float32")
+            "device, or on the CPU a machine with a C++ compiler (the CPU ops), or set "
+            "TRITON_INTERPRET=1 and pass --kernel-mode always --dtype float32")
     run(args)
     return 0
 
