@@ -16,6 +16,7 @@ from sparseffn.errors import CalibrationError, PatchStateError, SparseFFNError
 from sparseffn.families import family_of
 from sparseffn.methods import DEFAULT_METHOD, method_class
 from sparseffn.patching import install, is_sparsified, patch_state, remove, update_thresholds
+from sparseffn.patching import set_batch_sharing as set_batch_sharing_
 from sparseffn.patching import set_kernel_mode as set_kernel_mode_
 
 
@@ -58,7 +59,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
              allocation: str | None = None, config: SparsityConfig | None = None,
              n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
              strict: bool = True, progress: bool = True,
-             kernel_mode: KernelMode | str = KernelMode.AUTO) -> nn.Module:
+             kernel_mode: KernelMode | str = KernelMode.AUTO,
+             batch_shared: bool = False) -> nn.Module:
     """Make ``model`` activation-sparse in place and return it.
 
     Args:
@@ -85,6 +87,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
             Triton kernels on CUDA and the compiled CPU ops on the CPU where measured faster),
             "always" (any decode batch up to 16) or "never" (masked dense torch ops
             everywhere); see ``set_kernel_mode``.
+        batch_shared: the sequences of a batch share one active set per site at each step
+            (see ``set_batch_sharing``).
 
     Raises:
         SparseFFNError (or a subclass) before anything changes, on bad input.
@@ -120,6 +124,12 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
         fitted = calibrate_model(model, tokenizer, texts, config, n_tokens, seq_len, batch_size,
                                  progress, data_name=str(name))
     install(model, fitted, kernel_mode)
+    if batch_shared:
+        try:
+            set_batch_sharing_(model, True)
+        except SparseFFNError:
+            remove(model)  # nothing half done
+            raise
     return model
 
 
@@ -135,6 +145,21 @@ def set_kernel_mode(model: nn.Module, mode: KernelMode | str) -> nn.Module:
     after moving a model patched under "never" to the GPU.
     """
     set_kernel_mode_(model, mode)
+    return model
+
+
+def set_batch_sharing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make the sequences of a batch share one set of active channels (or neurons) per site.
+
+    At each step (each position of a teacher-forced batch) a site keeps the channels of largest
+    importance summed over the batch, as many as its calibrated sparsity leaves, and each
+    sequence's own threshold test still applies inside that set: a batch reads at most the rows
+    one sequence would, so sparse decoding pays at batch > 1. A sequence's output then depends
+    on its batch-mates; at batch 1 it is the per-token criterion capped at the site's budget.
+    Takes teal, wina, cats and chess (docs/e2e.md, "Batch-shared sparsity", has its quality
+    cost). ``enabled=False`` returns to per-token sets.
+    """
+    set_batch_sharing_(model, enabled)
     return model
 
 

@@ -39,17 +39,22 @@ def _input_sparse(cpu: bool):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           threshold: torch.Tensor | None, cpu: bool = False, counter=None) -> torch.Tensor:
-    """x [B, K] -> [B, N]: the input-sparse GEMV on an input-major weight, or dense."""
-    if threshold is None:
+           threshold: torch.Tensor | None, cpu: bool = False, counter=None,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] -> [B, N]: the input-sparse GEMV on an input-major weight over the inputs with
+    |x| > threshold, or over ``mask`` [B, K] when given; dense without either."""
+    if threshold is None and mask is None:
         return F.linear(x, weight, bias)
+    if mask is not None:
+        threshold = None
     if cpu:
-        y = tk.input_sparse_gemv_cpu(x, weight.t(), threshold=threshold,
+        y = tk.input_sparse_gemv_cpu(x, weight.t(), threshold=threshold, mask=mask,
                                      counts=_counts(counter))
     else:
         if counter is not None:
-            counter.count(above(x.abs(), threshold))
-        y = torch.ops.sparseffn.input_sparse_gemv(x, weight.t(), threshold=threshold)
+            counter.count(above(x.abs(), threshold) if mask is None else mask.expand_as(x))
+        y = torch.ops.sparseffn.input_sparse_gemv(x, weight.t(), threshold=threshold,
+                                                  mask=mask)
     return y if bias is None else y + bias
 
 

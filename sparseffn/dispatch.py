@@ -97,7 +97,7 @@ def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
 
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
-                weight: torch.Tensor, cpu_path: bool = False) -> bool:
+                weight: torch.Tensor, cpu_path: bool = False, shared: bool = False) -> bool:
     """Whether this call takes the kernel path.
 
     Args:
@@ -109,12 +109,16 @@ def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.
         weight: a weight the kernels read (dtype and device must match x).
         cpu_path: the module's kernel path is the compiled CPU ops, which are plain C calls
             that ``torch.compile`` cannot trace: a compiled forward takes the reference path.
+        shared: the module shares its active sets across the batch (``sparseffn.sharing``):
+            a batch then reads at most the rows of one sequence, and under AUTO the CPU ops
+            take batches up to ``MAX_DECODE_BATCH`` (docs/e2e.md, "Batch-shared sparsity").
     """
     if not layout_ready or observing or (cpu_path and torch.compiler.is_compiling()):
         return False
     # The path was chosen for the weights' device when the mode was set (takes_kernel_path).
     ok = kernels_on("cuda") if x.device.type == "cuda" else x.device.type == "cpu"
-    max_batch = MAX_DECODE_BATCH if mode is KernelMode.ALWAYS else AUTO_MAX_BATCH
+    max_batch = MAX_DECODE_BATCH if mode is KernelMode.ALWAYS or (shared and cpu_path) \
+        else AUTO_MAX_BATCH
     return (ok and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= max_batch
             and x.dtype == weight.dtype and x.device == weight.device
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))

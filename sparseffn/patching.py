@@ -14,11 +14,12 @@ from torch import nn
 from calibrate.artifact import Calibration
 from sparseffn.dispatch import KernelMode
 from calibrate.fit import split_key
-from sparseffn.errors import CalibrationError, PatchStateError
+from sparseffn.errors import CalibrationError, PatchStateError, SparseFFNError
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 signal_of)
-from sparseffn.methods import ACT_SITE, Method, get_method
+from sparseffn.methods import ACT_SITE, Method, get_method, method_names
 from sparseffn.modules import InputGroup, SparseGatedMLP, SparseLinear, SparseModule
+from sparseffn.sharing import keep_count
 
 STATE_ATTR = "_sparseffn_state"
 
@@ -29,6 +30,8 @@ class PatchState:
 
     spec: FamilySpec
     calibration: Calibration
+    #: Whether the sites share one active set across a batch (``set_batch_sharing``).
+    batch_shared: bool = False
 
 
 def is_sparsified(model: nn.Module) -> bool:
@@ -161,6 +164,35 @@ def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
         for site, value in calibration.layer_thresholds(i).items():
             site_module(layer, site).set_threshold(site, value)
     state.calibration = calibration
+    if state.batch_shared:
+        set_batch_sharing(model, True)  # the kept counts follow the new sparsities
+
+
+def set_batch_sharing(model: nn.Module, enabled: bool) -> None:
+    """Share each site's active set across the sequences of a batch (``sparseffn.sharing``),
+    keeping as many channels as the site's calibrated sparsity leaves, or stop sharing.
+
+    Raises:
+        SparseFFNError: a site of the model cannot share (a neuron gate that does not decide
+            by a threshold on |act(gate(x))|, such as top-k or predictors); nothing changes.
+    """
+    state = patch_state(model)
+    modules = sparse_modules(model)
+    if enabled:
+        for i, module in modules:
+            for site in module.sites:
+                if not module.shares(site):
+                    raise SparseFFNError(
+                        f"method {state.calibration.config.method!r} cannot share its active "
+                        f"sets across a batch (site layers.{i}.{site}): batch sharing takes the "
+                        "input criteria (teal, wina) and the criteria that threshold "
+                        f"|act(gate(x))| (cats, chess); methods: {method_names()}")
+    for i, module in modules:
+        module.shared_keep = {} if not enabled else {
+            site: keep_count(state.calibration.sparsities[f"layers.{i}.{site}"],
+                             module.site_width(site))
+            for site in module.sites}
+    state.batch_shared = enabled
 
 
 def remove(model: nn.Module) -> None:

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--kernel-mode", default="auto", choices=["always", "auto"])
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--sharing", default="per-token", choices=["per-token", "shared"],
+                   help="active sets per sequence, or one per batch "
+                   "(sparseffn.set_batch_sharing)")
     p.add_argument("--shape", help="a random-weight model of this bench.e2e.shapes shape "
                    "(fp32) instead of the built-in model, calibrated on random token ids")
     p.add_argument("--layers", type=int, help="with --shape: this many decoder layers")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = "austen"
         text = " ".join(load_texts("news", split="eval"))
         prompt_ids = tokenizer(text, return_tensors="pt").input_ids[:, :a.prompt]
-    dense = decode_speed(model, a.prompt, a.new_tokens, a.repeats)
+    dense = decode_speed(model, a.prompt, a.new_tokens, a.repeats, batch=a.batch)
     rows = [{"method": "dense", "target": 0.0, "measured": 0.0,
              "tok_s": round(dense.tokens_per_s, 2), "speedup": 1.0, "over_level0": "",
              "same_tokens": ""}]
@@ -87,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         for level in a.sparsities:
             sparseffn.sparsify(model, sparsity=level, calibration=calibration, tokenizer=tokenizer,
                                n_tokens=a.calib_tokens, progress=False,
-                               kernel_mode=a.kernel_mode, **parse_method(spec))
+                               kernel_mode=a.kernel_mode,
+                               batch_shared=a.sharing == "shared", **parse_method(spec))
             sparseffn.reset_sparsity_stats(model)
-            speed = decode_speed(model, a.prompt, a.new_tokens, a.repeats)
+            speed = decode_speed(model, a.prompt, a.new_tokens, a.repeats, batch=a.batch)
             measured = sparseffn.sparsity_report(model).overall
             same = same_tokens(model, prompt_ids, a.new_tokens, a.kernel_mode)
             sparseffn.unsparsify(model)
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
         extra = {"model": f"{a.shape} ({a.layers or 'all'} layers, random weights)" if a.shape
                  else "SmolLM2-135M", "cpu": dense.device, "threads": a.threads,
-                 "torch": torch.__version__,
+                 "torch": torch.__version__, "batch": a.batch, "sharing": a.sharing,
                  "kernel_mode": a.kernel_mode,
                  "prompt": a.prompt, "new_tokens": a.new_tokens}
         with open(a.csv, "w", newline="") as f:

@@ -35,7 +35,7 @@ FIELDS = ["device", "torch", "triton", "transformers", "shape", "layers", "dtype
           "scope", "target", "measured_sparsity", "ffn_bytes_skipped", "all_bytes_skipped",
           "batch", "prompt", "new_tokens", "harness", "tok_s", "dense_tok_s", "speedup",
           "floor_tok_s", "frac_of_floor", "byte_limit_speedup", "peak_mem_gb",
-          "calib_seconds"]
+          "calib_seconds", "sharing"]
 
 
 def _versions() -> dict[str, str]:
@@ -148,12 +148,19 @@ def run(args) -> list[dict]:
         for target, cal in zip(args.sparsities, cals):
             update_thresholds(model, cal)
             report = measure_sparsity(model)
-            for harness in args.harnesses:
-                for b, p in _grid(args, harness):
-                    rate = H.decode_rate(model, harness, b, p, args.new_tokens, args.repeats)
-                    rows.append(_point(args, ver, model, bw, method, scope, target, report, b,
-                                       p, harness, rate, dense[(harness, b, p)], calib_s))
-                    print(_fmt(rows[-1]), flush=True)
+            for sharing in args.sharing:
+                sparseffn.set_batch_sharing(model, sharing == "shared")
+                _recompile(model)
+                for harness in args.harnesses:
+                    for b, p in _grid(args, harness):
+                        rate = H.decode_rate(model, harness, b, p, args.new_tokens,
+                                             args.repeats)
+                        rows.append({**_point(args, ver, model, bw, method, scope, target,
+                                              report, b, p, harness, rate,
+                                              dense[(harness, b, p)], calib_s),
+                                     "sharing": sharing})
+                        print(_fmt(rows[-1]), flush=True)
+            sparseffn.set_batch_sharing(model, False)
             if args.profile and device.startswith("cuda") and abs(target - 0.5) < 1e-9:
                 for harness in args.harnesses:
                     extras["profiles"][f"{spec}/{harness}"] = H.profile_steps(
@@ -237,7 +244,7 @@ def print_profile(label: str, prof: dict) -> None:
 def _fmt(r: dict) -> str:
     return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4} "
             f"s={r['target']:.2f} (measured {r['measured_sparsity']:.3f}) B={r['batch']} "
-            f"P={r['prompt']:<5} {r['harness']:<8}"
+            f"P={r['prompt']:<5} {r['harness']:<8} {r.get('sharing', ''):<9}"
             f" {r['tok_s']:8.1f} tok/s  x{r['speedup']:.2f} dense  "
             f"{100 * r['frac_of_floor']:.0f}% of floor {r['floor_tok_s']:.0f}  "
             f"mem {r['peak_mem_gb']} GB")
@@ -299,6 +306,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--profile", action="store_true", help="profile a step at 50%% sparsity")
     p.add_argument("--check", action="store_true",
                    help="kernel path against reference path at every sparsity level")
+    p.add_argument("--sharing", nargs="+", default=["per-token"],
+                   choices=["per-token", "shared"],
+                   help="active sets per sequence, or shared across the batch "
+                   "(sparseffn.set_batch_sharing); each listed mode is measured")
     p.add_argument("--kernel-mode", default="always", choices=["auto", "always", "never"],
                    help="'always' runs the kernels at every batch size ('auto' only at batch 1)")
     p.add_argument("--progress", action="store_true")

@@ -25,10 +25,12 @@ class DecodeSpeed:
     new_tokens: int
     device: str
     threads: int
+    batch: int = 1
 
     def describe(self) -> str:
-        return (f"greedy decode of {self.new_tokens} tokens after a {self.prompt}-token prompt "
-                f"on {self.device}, {self.threads} threads")
+        seqs = f" ({self.batch} sequences)" if self.batch > 1 else ""
+        return (f"greedy decode of {self.new_tokens} tokens after a {self.prompt}-token "
+                f"prompt{seqs} on {self.device}, {self.threads} threads")
 
 
 def device_name(device: torch.device | str) -> str:
@@ -57,10 +59,11 @@ def _seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, prompt: int = 128, new_tokens: int = 64, repeats: int = 3,
-                 seed: int = 0) -> DecodeSpeed:
-    """Tokens per second of ``model.generate`` (greedy) over ``new_tokens`` decode steps.
+                 seed: int = 0, batch: int = 1) -> DecodeSpeed:
+    """Tokens per second of ``model.generate`` (greedy) over ``new_tokens`` decode steps, summed
+    over the ``batch`` sequences decoded together.
 
-    The prompt is ``prompt`` random token ids [1, prompt]. Each repeat times a generation of
+    The prompts are random token ids [batch, prompt]. Each repeat times a generation of
     ``new_tokens`` and one of a single token (prefill and first token) and takes the
     difference, so the rate is that of decode steps; the median of ``repeats`` is reported,
     after one warm-up.
@@ -68,12 +71,12 @@ def decode_speed(model: nn.Module, prompt: int = 128, new_tokens: int = 64, repe
     device = model.get_input_embeddings().weight.device
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (1, prompt), generator=g).to(device)
+    ids = torch.randint(1, vocab, (batch, prompt), generator=g).to(device)
     _seconds(model, ids, 2)  # warm-up
     rates = []
     for _ in range(repeats):
         steps = _seconds(model, ids, new_tokens) - _seconds(model, ids, 1)
-        rates.append((new_tokens - 1) / max(steps, 1e-9))
+        rates.append(batch * (new_tokens - 1) / max(steps, 1e-9))
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     return DecodeSpeed(statistics.median(rates), prompt, new_tokens, device_name(device),
-                       threads)
+                       threads, batch)

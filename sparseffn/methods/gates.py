@@ -3,6 +3,7 @@ base of those criteria."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparseffn import decode
@@ -39,6 +40,15 @@ class ActThresholdGate(NeuronGate):
 
     def decode(self, mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
         w_gate, w_up = mlp.gate_up_weights()
+        if ACT_SITE in mlp.shared_keep:
+            # The batch's shared set needs every neuron's margin: the gate densely, then the
+            # up and down rows of the set's active neurons only.
+            act = mlp.act_fn()(F.linear(x, w_gate))
+            mask = mlp.site_mask(ACT_SITE, act.abs())
+            mlp.count(ACT_SITE, mask.expand_as(act))
+            cpu = mlp._cpu_path
+            h = torch.where(mask, act * decode.up_masked(x, w_up, mask, cpu), 0)
+            return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu)
         return decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight, self.value,
                                       mlp.kernel_act, mlp.zero, mlp._cpu_path,
                                       mlp.counters[ACT_SITE] if mlp.track else None)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from sparseffn import layout
-from sparseffn.decode import above  # noqa: F401  (re-exported: the reference path's test)
+from sparseffn.decode import above
+from sparseffn.sharing import shared_mask
 from sparseffn.dispatch import (KernelMode, cpu_decode_path, kernels_on, takes_kernel_path,
                                 use_kernels)
 
@@ -89,6 +90,9 @@ class SparseModule(nn.Module):
         self.kernel_mode = KernelMode.AUTO
         self._layout_ready = False
         self._cpu_path = False  # the kernel path runs the ops' CPU decode path
+        #: Batch-shared sparsity (``sparseffn.sharing``): channels kept per site, for the sites
+        #: that share; empty when every sequence keeps its own set.
+        self.shared_keep: dict[str, int] = {}
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -109,6 +113,21 @@ class SparseModule(nn.Module):
         if site not in self.counters:
             raise KeyError(f"site {site!r} is not gated by this module (sites: {self.sites})")
         set_buffer(self, f"threshold_{site}", value)
+
+    def site_width(self, site: str) -> int:
+        """Channels (or neurons) ``site`` gates."""
+        raise NotImplementedError
+
+    def shares(self, site: str) -> bool:
+        """Whether ``site`` can share its active set across a batch (``sparseffn.sharing``)."""
+        return site in self.counters
+
+    def site_mask(self, site: str, magnitude: torch.Tensor) -> torch.Tensor:
+        """Active entries of ``site`` for input magnitudes [B, ..., C]: the threshold test, or
+        where the site shares, the batch's shared set ([1, ..., C], broadcasting)."""
+        t = self.threshold(site)
+        keep = self.shared_keep.get(site)
+        return above(magnitude, t) if keep is None else shared_mask(magnitude, t, keep)
 
     def count(self, site: str, mask: torch.Tensor) -> None:
         if self.track:
@@ -162,4 +181,4 @@ class SparseModule(nn.Module):
     def use_kernels(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the kernel path (``sparseffn.dispatch.use_kernels``)."""
         return use_kernels(self.kernel_mode, self._layout_ready, self.observe is not None, x,
-                           weight, self._cpu_path)
+                           weight, self._cpu_path, bool(self.shared_keep))

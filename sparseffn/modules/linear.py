@@ -7,7 +7,7 @@ from torch import nn
 
 from sparseffn import decode
 from sparseffn.dispatch import KernelMode, is_plain_linear
-from sparseffn.modules.base import SparseModule, above
+from sparseffn.modules.base import SparseModule
 
 
 class SparseLinear(SparseModule):
@@ -35,19 +35,25 @@ class SparseLinear(SparseModule):
             return self._decode(x)
         if self.observe is not None and self.signal is not None:
             self.observe(self.signal, x)
-        mask = above(x.abs(), self.threshold(self.site))
-        self.count(self.site, mask)
+        mask = self.site_mask(self.site, x.abs())
+        self.count(self.site, mask.expand_as(x))
         return self.base(torch.where(mask, x, 0))
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(x.shape[0], x.shape[-1])
         group = self.group
-        if group is not None and group.usable:
+        if self.shared_keep:  # its own mask (the group's launch takes thresholds only)
+            y = decode.linear(x2, self.base.weight, self.base.bias, None, self._cpu_path,
+                              self.counter(), mask=self.site_mask(self.site, x2.abs()))
+        elif group is not None and group.usable:
             y = group.output(self, x, x2)
         else:
             y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold(self.site),
                               self._cpu_path, self.counter())
         return y.reshape(x.shape[0], 1, y.shape[-1])
+
+    def site_width(self, site: str) -> int:
+        return self.base.in_features
 
     def counter(self):
         """This site's counter on a tracked call, else None."""

@@ -7,7 +7,7 @@ from torch import nn
 from sparseffn import decode
 from sparseffn.dispatch import is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
-from sparseffn.modules.base import SparseModule, above
+from sparseffn.modules.base import SparseModule
 
 #: The site of the FFN neurons: neuron i off skips its up row and down column (and under a
 #: predictor its gate row).
@@ -137,12 +137,22 @@ class SparseGatedMLP(SparseModule):
     def act_fn(self) -> nn.Module:
         return activation(self.spec, self.base)
 
+    def site_width(self, site: str) -> int:
+        hidden, inter = self.base.down_proj.weight.shape
+        return inter if site in (ACT_SITE, "down_proj") else hidden
+
+    def shares(self, site: str) -> bool:
+        # A neuron gate shares when it decides by a threshold on |act(gate(x))| (CATS, CHESS):
+        # its margins then say which neurons matter to the batch.
+        if site == ACT_SITE:
+            return self.neuron_gate is not None and self.neuron_gate.act_threshold() is not None
+        return super().shares(site)
+
     def _gate_input(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        t = super().threshold(site)
-        if t is None:
+        if super().threshold(site) is None:
             return x
-        mask = above(x.abs(), t)
-        self.count(site, mask)
+        mask = self.site_mask(site, x.abs())
+        self.count(site, mask.expand_as(x))
         return torch.where(mask, x, 0)
 
     def _decode_inputs(self, x2: torch.Tensor) -> torch.Tensor:
@@ -151,24 +161,23 @@ class SparseGatedMLP(SparseModule):
 
         def counter(site: str):
             return self.counters[site] if self.track and site in self.counters else None
+
+        def linear(v: torch.Tensor, site: str) -> torch.Tensor:
+            proj = getattr(base, site)
+            mask = None
+            if site in self.shared_keep:
+                mask = self.site_mask(site, v.abs())
+            return decode.linear(v, proj.weight, proj.bias, t(site), cpu, counter(site), mask)
         if self.spec.fused_gate_up:
-            gu = base.gate_up_proj
-            gate, up = decode.linear(x2, gu.weight, gu.bias, t("gate_up_proj"), cpu,
-                                     counter("gate_up_proj")).chunk(2, -1)
-        elif t("gate_proj") is not None and t("up_proj") is not None:
+            gate, up = linear(x2, "gate_up_proj").chunk(2, -1)
+        elif t("gate_proj") is not None and t("up_proj") is not None and not self.shared_keep:
             gp, up_ = base.gate_proj, base.up_proj
             gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight], [gp.bias, up_.bias],
                                              [t("gate_proj"), t("up_proj")], cpu,
                                              [counter("gate_proj"), counter("up_proj")])
         else:
-            gate = decode.linear(x2, base.gate_proj.weight, base.gate_proj.bias, t("gate_proj"),
-                                 cpu, counter("gate_proj"))
-            up = decode.linear(x2, base.up_proj.weight, base.up_proj.bias, t("up_proj"), cpu,
-                               counter("up_proj"))
-        h = self.act_fn()(gate) * up
-        down = base.down_proj
-        return decode.linear(h, down.weight, down.bias, t("down_proj"), cpu,
-                             counter("down_proj"))
+            gate, up = linear(x2, "gate_proj"), linear(x2, "up_proj")
+        return linear(self.act_fn()(gate) * up, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
@@ -188,8 +197,9 @@ class SparseGatedMLP(SparseModule):
             observe("act", act)
             observe("up", up)
         if self.neuron_gate is not None:
-            mask = self.neuron_gate.mask(x, act)
-            self.count(ACT_SITE, mask)
+            mask = self.site_mask(ACT_SITE, act.abs()) if ACT_SITE in self.shared_keep \
+                else self.neuron_gate.mask(x, act)
+            self.count(ACT_SITE, mask.expand_as(act))
             h = torch.where(mask, act * up, 0)
         else:
             h = act * up
