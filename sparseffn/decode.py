@@ -100,10 +100,9 @@ def gated_threshold(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return down_nonzero(h, w_down, zero)
 
 
-def down_nonzero(h: torch.Tensor, w_down: torch.Tensor, zero: torch.Tensor,
-                 cpu: bool = False) -> torch.Tensor:
+def down_nonzero(h: torch.Tensor, w_down: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """h [B, I] @ w_down.T reading only the rows of neurons with h != 0 (``zero`` = 0.0)."""
-    return _input_sparse(cpu)(h, w_down.t(), threshold=zero)
+    return torch.ops.sparseffn.input_sparse_gemv(h, w_down.t(), threshold=zero)
 
 
 def gated_masked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -132,3 +132,28 @@ def test_a_compiled_step_runs_the_reference_path(monkeypatch):
     before = int(model.model.layers[0].self_attn.q_proj.counters["q_proj"].total)
     sparseffn.generate(model, PROMPT, 2, eos_token_id=None, compile=False)
     assert int(model.model.layers[0].self_attn.q_proj.counters["q_proj"].total) > before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_path_takes_half_precision_models(dtype, cpu_path):
+    """Each sparse module on the CPU ops against its reference path on the same input and the
+    same weight layout (the masks of input sites are then identical: both test the same values
+    in fp32), at the dtype's rounding."""
+    model = tiny_model("qwen2", dtype=dtype)
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False,
+                       kernel_mode="always")
+    modules = [m for _, m in sparse_modules(model)]
+    assert modules and all(m._cpu_path for m in modules)
+    g = torch.Generator().manual_seed(3)
+    inputs = {id(m): torch.randn(3, 1, m.base.weight.shape[1] if hasattr(m.base, "weight")
+                                 else m.base.down_proj.weight.shape[0], generator=g).to(dtype)
+              for m in modules}
+    with torch.no_grad():
+        fast = {id(m): m(inputs[id(m)]) for m in modules}
+        sparseffn.patching.set_kernel_mode(model, "never", keep_layout=True)
+        for m in modules:
+            ref = m(inputs[id(m)])
+            got = fast[id(m)]
+            assert got.dtype == dtype and torch.isfinite(got).all()
+            scale = ref.float().abs().max().clamp_min(1.0)
+            assert float((got.float() - ref.float()).abs().max()) <= 3e-2 * scale
