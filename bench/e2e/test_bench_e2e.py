@@ -165,13 +165,16 @@ def test_oracle_reads_the_needed_bytes_and_undoes_exactly():
 
 
 def test_gpu_benchmarks_refuse_to_pretend_on_the_cpu(monkeypatch):
-    """`bench check` where the kernels cannot run would compare the reference path with itself,
-    and `bench e2e` of a full-size shape on the CPU would build a 16 GB model: both refuse."""
+    """`bench check` where no kernel path runs (no Triton interpreter, no CPU ops) would compare
+    the reference path with itself, and `bench e2e` of a full-size shape on the CPU would build
+    a 16 GB model: both refuse."""
     import pytest
 
+    import triton_kernels.cpu
     from bench.e2e import check, run
     from sparseffn import dispatch
 
+    monkeypatch.setattr(triton_kernels.cpu, "available", lambda: False)
     monkeypatch.setitem(dispatch._AVAILABLE, "cpu", False)
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
         check.main(["--device", "cpu", "--kernel-mode", "always"])
