@@ -4,9 +4,8 @@ Each function is one decode-step operation on [B, K] activations (one token per 
 named for what it computes; the sparse modules and the methods' neuron gates compose them into
 decode plans, and ``sparseffn.dispatch`` decides when they run. ``cpu`` selects the op's CPU
 decode path (``triton_kernels.cpu``, compiled C++ called directly: the custom-op dispatcher
-costs more than a small CPU product);
-otherwise the custom op (Triton on CUDA, or on CPU tensors through the interpreter), which
-``torch.compile`` and CUDA graphs capture. Weights the input-sparse ops skip rows of are stored
+costs more than a small CPU product); otherwise the custom op runs (Triton on CUDA, or on CPU
+tensors through the interpreter), which ``torch.compile`` and CUDA graphs capture. Weights the input-sparse ops skip rows of are stored
 input-major (``sparseffn.layout``), so ``weight.t()`` is contiguous.
 
 ``counter`` (a site's ``SiteCounter``, or None when not tracking) receives the active entries
@@ -34,15 +33,12 @@ def _counts(counter) -> torch.Tensor | None:
     return None if counter is None else counter.counts
 
 
-def _input_sparse(cpu: bool):
-    return tk.input_sparse_gemv_cpu if cpu else torch.ops.sparseffn.input_sparse_gemv
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            threshold: torch.Tensor | None, cpu: bool = False, counter=None,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] -> [B, N]: the input-sparse GEMV on an input-major weight over the inputs with
-    |x| > threshold, or over ``mask`` [B, K] when given; dense without either."""
+    |x| > threshold, or over ``mask`` [B or 1, K] when given (the threshold is then unused);
+    dense without either."""
     if threshold is None and mask is None:
         return F.linear(x, weight, bias)
     if mask is not None:
@@ -127,4 +123,5 @@ def up_masked(x: torch.Tensor, w_up: torch.Tensor, mask: torch.Tensor,
 def down_masked(h: torch.Tensor, w_down: torch.Tensor, mask: torch.Tensor,
                 cpu: bool = False) -> torch.Tensor:
     """h [B, I] @ w_down.T reading only the rows in ``mask``."""
-    return _input_sparse(cpu)(h, w_down.t(), mask=mask)
+    down = tk.input_sparse_gemv_cpu if cpu else torch.ops.sparseffn.input_sparse_gemv
+    return down(h, w_down.t(), mask=mask)

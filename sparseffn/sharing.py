@@ -7,7 +7,7 @@ position the batch keeps the ``keep`` channels of largest importance summed over
 ``keep = width - round(sparsity * width)`` for the site's calibrated sparsity, and every
 sequence uses that whole set: a step reads ``keep`` rows whatever the batch. (Also applying each
 sequence's own threshold test inside the set would read no fewer rows at batch > 1, only drop
-more of each sequence's small inputs: measured worse, docs/e2e.md.)
+more of each sequence's inputs.)
 
 Importance is the margin of the per-token test, ``|v| / threshold``: with one threshold per
 layer (TEAL, CATS) that is ``|v|`` itself; with per-channel thresholds (WINA's column norms,

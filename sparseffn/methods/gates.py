@@ -51,7 +51,7 @@ class ActThresholdGate(NeuronGate):
             return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu)
         return decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight, self.value,
                                       mlp.kernel_act, mlp.zero, mlp._cpu_path,
-                                      mlp.counters[ACT_SITE] if mlp.track else None)
+                                      mlp.counter(ACT_SITE))
 
 
 class ActThresholdMethod(Method):

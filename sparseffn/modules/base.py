@@ -19,9 +19,9 @@ from torch import nn
 
 from sparseffn import layout
 from sparseffn.decode import above
-from sparseffn.sharing import shared_mask
 from sparseffn.dispatch import (KernelMode, cpu_decode_path, kernels_on, takes_kernel_path,
                                 use_kernels)
+from sparseffn.sharing import shared_mask
 
 
 class SiteCounter(nn.Module):
@@ -129,6 +129,10 @@ class SparseModule(nn.Module):
         keep = self.shared_keep.get(site)
         return above(magnitude, t) if keep is None else shared_mask(magnitude, t, keep)
 
+    def counter(self, site: str) -> SiteCounter | None:
+        """``site``'s counter while counting is on (``track``), else None."""
+        return self.counters[site] if self.track else None
+
     def count(self, site: str, mask: torch.Tensor) -> None:
         if self.track:
             self.counters[site].count(mask)
@@ -156,8 +160,8 @@ class SparseModule(nn.Module):
         (``sparseffn.dispatch.takes_kernel_path``); elsewhere they get their original layout
         back, so the reference path stays bit-equal to the unpatched model, unless
         ``keep_layout``: then the reference path runs on the kernels' layout, which makes its
-        prefill bit-equal to the kernel path's (for checks that compare the two). A model moved to the GPU after patching needs this call
-        again.
+        prefill bit-equal to the kernel path's (for checks that compare the two). A model moved
+        to the GPU after patching needs this call again.
         """
         mode = KernelMode.parse(mode)
         self.kernel_mode = mode

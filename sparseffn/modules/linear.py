@@ -44,20 +44,16 @@ class SparseLinear(SparseModule):
         group = self.group
         if self.shared_keep:  # its own mask (the group's launch takes thresholds only)
             y = decode.linear(x2, self.base.weight, self.base.bias, None, self._cpu_path,
-                              self.counter(), mask=self.site_mask(self.site, x2.abs()))
+                              self.counter(self.site), mask=self.site_mask(self.site, x2.abs()))
         elif group is not None and group.usable:
             y = group.output(self, x, x2)
         else:
             y = decode.linear(x2, self.base.weight, self.base.bias, self.threshold(self.site),
-                              self._cpu_path, self.counter())
+                              self._cpu_path, self.counter(self.site))
         return y.reshape(x.shape[0], 1, y.shape[-1])
 
     def site_width(self, site: str) -> int:
         return self.base.in_features
-
-    def counter(self):
-        """This site's counter on a tracked call, else None."""
-        return self.counters[self.site] if self.track else None
 
     def kernel_linears(self) -> list[nn.Module]:
         return [self.base] if self._kernel_ok else []
@@ -112,12 +108,12 @@ class InputGroup:
             if member.group_index != 0:  # not the first call on this x: compute alone
                 return decode.linear(x2, member.base.weight, member.base.bias,
                                      member.threshold(member.site), member._cpu_path,
-                                     member.counter())
+                                     member.counter(member.site))
             ms = self.members
             self.outs = decode.grouped_linear(x2, [m.base.weight for m in ms],
                                               [m.base.bias for m in ms],
                                               [m.threshold(m.site) for m in ms],
-                                              member._cpu_path, [m.counter() for m in ms])
+                                              member._cpu_path, [m.counter(m.site) for m in ms])
             self.x = x
         y = self.outs[member.group_index]
         if member.group_index == len(self.members) - 1:

@@ -7,7 +7,7 @@ from torch import nn
 from sparseffn import decode
 from sparseffn.dispatch import is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
-from sparseffn.modules.base import SparseModule
+from sparseffn.modules.base import SiteCounter, SparseModule
 
 #: The site of the FFN neurons: neuron i off skips its up row and down column (and under a
 #: predictor its gate row).
@@ -159,14 +159,12 @@ class SparseGatedMLP(SparseModule):
         """The "input" plan: x [B, H] -> y [B, H]."""
         base, t, cpu = self.base, super().threshold, self._cpu_path
 
-        def counter(site: str):
-            return self.counters[site] if self.track and site in self.counters else None
+        def counter(site: str) -> SiteCounter | None:  # an ungated projection has none
+            return self.counter(site) if site in self.counters else None
 
         def linear(v: torch.Tensor, site: str) -> torch.Tensor:
             proj = getattr(base, site)
-            mask = None
-            if site in self.shared_keep:
-                mask = self.site_mask(site, v.abs())
+            mask = self.site_mask(site, v.abs()) if site in self.shared_keep else None
             return decode.linear(v, proj.weight, proj.bias, t(site), cpu, counter(site), mask)
         if self.spec.fused_gate_up:
             gate, up = linear(x2, "gate_up_proj").chunk(2, -1)

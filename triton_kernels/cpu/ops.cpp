@@ -25,9 +25,9 @@ inline float to_f(uint16_t bf) {  // bfloat16: the high half of a float32
 }
 inline float to_f(_Float16 h) { return static_cast<float>(h); }
 
-// Work below this many weight elements runs on one thread: waking the others costs more.
 // Rows requested ahead of the one being summed.
 constexpr int64_t kAhead = 2;
+// Work below this many weight elements runs on one thread: waking the others costs more.
 constexpr int64_t kParallelMin = 1 << 13;
 
 inline int threads_for(int64_t elements, int nthreads) {
@@ -40,11 +40,9 @@ inline void count(int64_t* counts, int64_t n_active, int64_t n_total) {
 }
 
 inline bool active(const float* x, int64_t k, const float* thr, int64_t thr_len,
-                   const uint8_t* mask, int64_t mask_ld) {
+                   const uint8_t* mask) {
   if (thr_len == 0) return mask[k] != 0;
-  const float t = thr_len == 1 ? thr[0] : thr[k];
-  (void)mask_ld;
-  return std::fabs(x[k]) > t;
+  return std::fabs(x[k]) > (thr_len == 1 ? thr[0] : thr[k]);
 }
 
 // For each sequence, its active channels; returns the union (sorted) and fills coef [B, K]
@@ -59,7 +57,7 @@ std::vector<int32_t> active_union(int64_t B, int64_t K, const float* x, const fl
     const float* xb = x + b * K;
     const uint8_t* mb = mask ? mask + (mask_rows == 1 ? 0 : b * K) : nullptr;
     for (int64_t k = 0; k < K; ++k)
-      if (active(xb, k, thr, thr_len, mb, K)) { coef[b * K + k] = xb[k]; any[k] = 1; ++n; }
+      if (active(xb, k, thr, thr_len, mb)) { coef[b * K + k] = xb[k]; any[k] = 1; ++n; }
   }
   count(counts, n, B * K);
   std::vector<int32_t> rows;

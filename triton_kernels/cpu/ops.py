@@ -34,19 +34,25 @@ def _wdtype(*ws: torch.Tensor) -> int:
     return code
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32, without a copy when it already is (the decode-step case)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def _gate(threshold: Optional[torch.Tensor], mask: Optional[torch.Tensor], batch: int,
-          width: int) -> tuple[int, int, int, int, tuple[torch.Tensor, ...]]:
-    """(thr pointer, thr_len, mask pointer, mask_rows, tensors to keep alive) of a call."""
-    if threshold is not None:
-        t = threshold.detach().float().contiguous()
-        return t.data_ptr(), t.numel(), _NULL, 0, (t,)
-    m = mask.detach().reshape(-1, width).contiguous()
+          width: int) -> tuple[int, int, int, int, torch.Tensor]:
+    """(thr pointer, thr_len, mask pointer, mask_rows, the tensor to keep alive) of a call:
+    the mask when given, else the threshold."""
+    if mask is None:
+        t = _f32(threshold)
+        return t.data_ptr(), t.numel(), _NULL, 0, t
+    m = mask.reshape(-1, width).contiguous()
     if m.dtype != torch.bool:
         m = m != 0
     rows = m.shape[0]
     if rows not in (1, batch):
         raise ValueError(f"mask of {rows} rows for a batch of {batch}")
-    return _NULL, 0, m.data_ptr(), rows, (m,)
+    return _NULL, 0, m.data_ptr(), rows, m
 
 
 def _counts_ptr(counts: Optional[torch.Tensor]) -> int:
@@ -80,16 +86,14 @@ def input_sparse_gemv_grouped_cpu(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
     # The hot path of a CPU decode step (a few calls per layer): kept to few tensor ops.
     lib = load()
     b, k = x.shape
-    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    xf = _f32(x)
     wdtype = _wdtype(*w_ts)
     total = sum(w.shape[1] for w in w_ts)
     y = torch.empty(b, total, dtype=torch.float32)
     col, threads, xp, yp = 0, torch.get_num_threads(), xf.data_ptr(), y.data_ptr()
+    shared = _gate(None, mask, b, k) if mask is not None else None  # one mask for every weight
     for j, (w_t, t) in enumerate(zip(w_ts, thresholds)):
-        if t is not None and t.dtype == torch.float32:
-            thr, thr_len, m, mask_rows, _keep = t.data_ptr(), t.numel(), _NULL, 0, None
-        else:
-            thr, thr_len, m, mask_rows, _keep = _gate(t, mask, b, k)
+        thr, thr_len, m, mask_rows, _keep = shared or _gate(t, None, b, k)
         n = w_t.shape[1]
         lib.sfn_input_sparse(b, k, n, xp, w_t.data_ptr(), w_t.stride(0), wdtype, thr, thr_len,
                              m, mask_rows, yp + 4 * col, total,
@@ -102,7 +106,7 @@ def output_sparse_gemv_cpu(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor)
     """x [B, K], w [N, K] (out-major), mask bool [B or 1, N] -> y [B, N], exact zeros off mask."""
     lib = load()
     b, k = x.shape
-    xf = x.detach().float().contiguous()
+    xf = _f32(x)
     _, _, m, mask_rows, _keep = _gate(None, mask, b, w.shape[0])
     y = torch.empty(b, w.shape[0], dtype=torch.float32)
     lib.sfn_output_sparse(b, k, w.shape[0], xf.data_ptr(), w.data_ptr(), w.stride(0),
@@ -126,7 +130,7 @@ def sparse_gated_mlp_cpu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
     lib = load()
     b, h = x.shape
     i = w_gate.shape[0]
-    xf = x.detach().float().contiguous()
+    xf = _f32(x)
     thr, thr_len, m, mask_rows, _keep = _gate(threshold, mask, b, i)
     y = torch.empty(b, h, dtype=torch.float32)
     active = torch.empty(b, i, dtype=torch.bool)
