@@ -16,6 +16,16 @@ DTYPES = {"fp32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 2e-2),
 SHAPES = [(63, 431), (1023, 96), (576, 1536), (5, 3)]
 
 
+def GEMV_CASES(test):  # noqa: N802 - used as a decorator
+    """Every dtype, shape, sparsity and batch of the GEMV tests."""
+    for mark in (pytest.mark.parametrize("batch", [1, 5]),
+                 pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9]),
+                 pytest.mark.parametrize("k,n", SHAPES, ids=lambda v: str(v)),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=str)):
+        test = mark(test)
+    return test
+
+
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert bool(torch.isfinite(got).all())
@@ -29,10 +39,7 @@ def test_the_ops_build_here():
     assert build.library_path(build.compiler()).exists()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k,n", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("batch", [1, 5])
+@GEMV_CASES
 def test_input_sparse_cpu(dtype, k, n, sparsity, batch):
     dt, tol = DTYPES[dtype]
     g = torch.Generator().manual_seed(k * n + batch)
@@ -54,10 +61,7 @@ def test_input_sparse_cpu(dtype, k, n, sparsity, batch):
            tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k,n", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("batch", [1, 5])
+@GEMV_CASES
 def test_output_sparse_cpu(dtype, k, n, sparsity, batch):
     dt, tol = DTYPES[dtype]
     g = torch.Generator().manual_seed(k + n + batch)
