@@ -8,7 +8,8 @@
     sparseffn.unsparsify(model)
 """
 from sparseffn.api import (get_calibration, load_calibration, save_calibration,
-                           set_batch_sharing, set_kernel_mode, set_sparsity, sparsify, unsparsify)
+                           set_batch_sharing, set_kernel_mode, set_lean_generate, set_sparsity,
+                           sparsify, unsparsify)
 from sparseffn.config import SparsityConfig
 from sparseffn.data import BUILTIN_SOURCES, load_texts
 from sparseffn.dispatch import KernelMode
@@ -30,6 +31,6 @@ __all__ = [
     "clear_decode_loops", "generate", "get_calibration", "is_sparsified", "load_builtin_model",
     "load_calibration", "load_texts", "method_names", "register_method",
     "reset_sparsity_stats", "save_calibration",
-    "set_batch_sharing", "set_kernel_mode", "set_sparsity", "sparsify", "sparsity_report", "track_sparsity",
+    "set_batch_sharing", "set_kernel_mode", "set_lean_generate", "set_sparsity", "sparsify", "sparsity_report", "track_sparsity",
     "unsparsify",
 ]

@@ -60,7 +60,7 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
              n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
              strict: bool = True, progress: bool = True,
              kernel_mode: KernelMode | str = KernelMode.AUTO,
-             batch_shared: bool = False) -> nn.Module:
+             batch_shared: bool = False, lean_generate: bool = True) -> nn.Module:
     """Make ``model`` activation-sparse in place and return it.
 
     Args:
@@ -89,6 +89,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
             everywhere); see ``set_kernel_mode``.
         batch_shared: the sequences of a batch share one active set per site at each step
             (see ``set_batch_sharing``).
+        lean_generate: ``model.generate`` on CUDA runs its decode steps through the compiled
+            lean loop where its arguments allow (see ``set_lean_generate``).
 
     Raises:
         SparseFFNError (or a subclass) before anything changes, on bad input.
@@ -124,6 +126,7 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
         fitted = calibrate_model(model, tokenizer, texts, config, n_tokens, seq_len, batch_size,
                                  progress, data_name=str(name))
     install(model, fitted, kernel_mode)
+    patch_state(model).lean_generate = bool(lean_generate)
     if batch_shared:
         try:
             set_batch_sharing_(model, True)
@@ -160,6 +163,20 @@ def set_batch_sharing(model: nn.Module, enabled: bool = True) -> nn.Module:
     cost). ``enabled=False`` returns to per-token sets.
     """
     set_batch_sharing_(model, enabled)
+    return model
+
+
+def set_lean_generate(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Whether a sparsified model's ``model.generate`` runs through the lean loop.
+
+    Enabled (the default after ``sparsify``): on CUDA, a ``generate`` call whose options the
+    lean loop implements (greedy or temperature / top-k / top-p sampling, EOS and stop tokens,
+    max/min new tokens, left-padded batches, a streamer) decodes with a static cache and one
+    compiled step per token (``sparseffn.generate``), the same greedy tokens as transformers'
+    loop; other calls run transformers' loop and log why once. The first call per batch size
+    and cache length (a power of two) compiles. ``enabled=False``: transformers' loop always.
+    """
+    patch_state(model).lean_generate = bool(enabled)
     return model
 
 

@@ -115,7 +115,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              compile: bool = True, max_cache_len: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, min_new_tokens: int = 0,
+             streamer: object | None = None) -> torch.Tensor:
     """Decode ``max_new_tokens`` after ``input_ids`` with a static cache and a compiled step.
 
     Args:
@@ -127,6 +128,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         eos_token_id, pad_token_id: a sequence that emits an EOS token continues with pads;
             the loop stops early once every sequence has ended (checked every 8 steps).
             Default to the model's generation config.
+        min_new_tokens: EOS tokens are never chosen before this many new tokens (as
+            ``generate``'s ``min_new_tokens``).
+        streamer: a transformers streamer (batch 1): it receives the prompt, then each new
+            token as it is chosen, then ``end()``; the loop then stops as soon as EOS comes.
         compile: compile the step (CUDA graphs on a GPU); False runs it eagerly.
         max_cache_len: the static cache's length (default P + max_new_tokens); a fixed value
             lets calls with different prompt lengths share one compiled step.
@@ -172,20 +177,30 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
     tokens[:, :P] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = out.logits[:, -1, :]
+    # A streamer reads every token anyway (a host sync per step): test for the end each step.
+    check_every = 1 if streamer is not None else EOS_CHECK_EVERY
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     n = 0
     for t in range(max_new_tokens):
+        if t < min_new_tokens and eos.numel():
+            logits = logits.index_fill(-1, eos, float("-inf"))
         nxt = _choose(logits, do_sample, temperature, top_k, top_p, generator)
         if eos.numel():  # without an EOS token no sequence ends: nothing to mask
             nxt = torch.where(finished, pad, nxt)
         tokens[:, P + t] = nxt
         n = t + 1
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         if eos.numel():
             finished |= torch.isin(nxt, eos)
-            if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+            if (t + 1) % check_every == 0 and bool(finished.all()):
                 break
         if t + 1 == max_new_tokens:
             break
         logits = loop.step(nxt[:, None], next_pos + t, mask)
+    if streamer is not None:
+        streamer.end()
     return tokens[:, :P + _length(tokens[:, P:P + n], eos, n)]
 
 

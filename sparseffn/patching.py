@@ -15,6 +15,7 @@ from calibrate.artifact import Calibration
 from sparseffn.dispatch import KernelMode
 from calibrate.fit import split_key
 from sparseffn.errors import CalibrationError, PatchStateError, SparseFFNError
+from sparseffn import hf_generate
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 signal_of)
 from sparseffn.methods import ACT_SITE, Method, get_method, method_names
@@ -32,6 +33,9 @@ class PatchState:
     calibration: Calibration
     #: Whether the sites share one active set across a batch (``set_batch_sharing``).
     batch_shared: bool = False
+    #: Whether ``model.generate`` runs its decode steps through the lean loop where its
+    #: arguments allow (``sparseffn.hf_generate``).
+    lean_generate: bool = True
 
 
 def is_sparsified(model: nn.Module) -> bool:
@@ -125,6 +129,7 @@ def install(model: nn.Module, calibration: Calibration,
         setattr(parent, name, module)
     setattr(model, STATE_ATTR, PatchState(spec, calibration))
     set_kernel_mode(model, kernel_mode)
+    hf_generate.attach(model)
 
 
 def set_kernel_mode(model: nn.Module, mode: KernelMode | str, keep_layout: bool = False) -> None:
@@ -208,4 +213,5 @@ def remove(model: nn.Module) -> None:
             module = getattr(attn, site)
             if isinstance(module, SparseLinear):
                 setattr(attn, site, module.base)
+    hf_generate.detach(model)
     delattr(model, STATE_ATTR)
