@@ -24,9 +24,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "rdata", "accelerate>=1.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "rdata", "accelerate>=1.0", "lm-eval>=0.4.5"],
         # sparseffn.finetune: the Trainer needs accelerate (peft is a core dependency)
         "finetune": ["accelerate>=1.0"],
+        # sparseffn eval --harness lm-eval (sparseffn.eval.harness)
+        "lm-eval": ["lm-eval>=0.4.5"],
     },
     entry_points={"console_scripts": ["sparseffn=sparseffn.cli:main"]},
 )

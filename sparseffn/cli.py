@@ -123,13 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from sparseffn.eval.sweep import markdown_table, plot, quality_sweep, write_csv
     _configs(args.methods, args.sparsities, "--methods/--sparsities")
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
+    if args.harness == "lm-eval":
+        return _eval_lm_eval(args)
+    if args.tasks or args.limit is not None:
+        from sparseffn.errors import SparseFFNError
+        raise SparseFFNError("--tasks and --limit are lm-eval options: add --harness lm-eval")
     eval_texts = load_texts(args.eval_data, "eval")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    from sparseffn.eval.speed import device_name
-    extra = {"device": args.device, "device_name": device_name(args.device),
-             "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-             "model": args.model, "dtype": args.dtype, "calibration_data": args.data,
-             "eval_data": args.eval_data}
+    extra = _run_facts(args)
     rows = quality_sweep(model, tokenizer, args.methods, args.sparsities, args.data, eval_texts,
                          eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                          n_tokens=args.tokens, n_items=args.items,
@@ -143,6 +144,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
                               f"{args.tokens} tok; held-out {args.eval_data} "
                               f"{args.eval_tokens} tok, {args.items} items per task")
         print(f"wrote {args.plot}")
+
+
+def _run_facts(args: argparse.Namespace) -> dict[str, str]:
+    """Device, versions, model and data: the columns every result line of ``eval`` carries."""
+    from sparseffn.eval.speed import device_name
+    return {"device": args.device, "device_name": device_name(args.device),
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "model": args.model, "dtype": args.dtype, "calibration_data": args.data,
+            "eval_data": args.eval_data}
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> None:
+    """``eval --harness lm-eval``: lm-eval's tasks on dense and every method/level."""
+    from sparseffn.data import BUILTIN_SOURCES
+    from sparseffn.errors import SparseFFNError
+    from sparseffn.eval import harness
+
+    if not harness.lm_eval_available():
+        raise SparseFFNError("--harness lm-eval needs lm-eval: pip install 'sparseffn[lm-eval]'")
+    if args.tasks:
+        tasks = args.tasks
+    elif args.eval_data in BUILTIN_SOURCES:
+        tasks = harness.offline_task_names((args.eval_data,))
+    else:
+        raise SparseFFNError(f"--eval-data {args.eval_data!r} is not a built-in source, so "
+                             "there are no offline tasks for it: name lm-eval tasks with --tasks")
+    sources = sorted({t.rsplit("_", 1)[1] for t in tasks if t.startswith(harness.PREFIX)})
+    folder = harness.write_offline_tasks(sources, args.items) if sources else None
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    extra = {**_run_facts(args), "harness": "lm-eval " + _lm_eval_version()}
+    rows = harness.harness_sweep(
+        model, tokenizer, args.methods, args.sparsities, args.data, tasks,
+        include_path=folder, batch_size=args.batch_size, limit=args.limit,
+        n_tokens=args.tokens, seq_len=args.seq_len,
+        on_row=(lambda done: harness.write_rows(done, args.csv, extra)) if args.csv else None)
+    print(harness.harness_table(rows))
+    if args.csv:
+        print(f"wrote {args.csv}")
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+    return version("lm_eval")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -280,7 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.65])
     p.add_argument("--eval-data", default="austen", help="held-out text source")
     p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--items", type=int, default=200, help="items per accuracy task")
+    p.add_argument("--items", type=int, default=500,
+                   help="items per accuracy task (and passages of the lm-eval perplexity task); "
+                        "500 puts a 5-point change beyond two standard errors")
+    p.add_argument("--harness", choices=["builtin", "lm-eval"], default="builtin",
+                   help="builtin: perplexity and two accuracy tasks here; lm-eval: "
+                        "EleutherAI's lm-eval harness drives the patched model")
+    p.add_argument("--tasks", nargs="+",
+                   help="lm-eval tasks (default: the offline tasks over --eval-data, "
+                        "sparseffn_{ppl,nextsent,lastword}_<source>; standard tasks such as "
+                        "hellaswag need their datasets from the Hub)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="greedy tokens timed per row for decode tokens/s on this machine "
                         "(0: skip)")

@@ -103,10 +103,6 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     for name in names:
         if name in kwargs:
             call[name] = kwargs.pop(name)
-    for name in names[2:]:
-        if name != "streamer" and not _is_off(name, call.get(name)):
-            return f"{name}= is not supported by the lean loop"
-    kwargs.pop("tokenizer", None)  # only read for stop_strings, which are refused below
     input_ids = call.get("inputs")
     if input_ids is None:
         input_ids = kwargs.pop("input_ids", None)
@@ -114,10 +110,14 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
             or input_ids.dtype != torch.long or input_ids.shape[1] == 0:
         return "the prompt is not a LongTensor input_ids [batch, length]"
     if input_ids.device.type not in ROUTED_DEVICES:
-        return (f"the model runs on the {input_ids.device.type.upper()}, where the lean loop measured no faster than "
-                "generate")
+        return (f"the model runs on the {input_ids.device.type.upper()}, where the lean loop "
+                "measured no faster than generate")
     if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
         return "the model is split over several devices (device_map)"
+    for name in names[2:]:
+        if name != "streamer" and not _is_off(name, call.get(name)):
+            return f"{name}= is not supported by the lean loop"
+    kwargs.pop("tokenizer", None)  # only read for stop_strings, which are refused below
     attention_mask = kwargs.pop("attention_mask", None)
     config, model_kwargs = model._prepare_generation_config(call.get("generation_config"),
                                                            **kwargs)

@@ -7,10 +7,11 @@ one ``sparsify`` gives at that target.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ class QualityRow:
     last_word: float
     seconds: float
     decode_tok_s: float = 0.0  # greedy decode tokens/s on this machine (0: not measured)
+    items: int = 0  # items per accuracy task (their standard errors follow from it)
 
 
 def parse_method(spec: str) -> dict[str, str]:
@@ -53,6 +55,30 @@ def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any],
     for task in tasks:
         result[task.name] = task.evaluate(model, progress=progress)
     return result
+
+
+def sparsified(model: nn.Module, tokenizer: Any, methods: Sequence[str],
+               sparsities: Sequence[float], calibration: Any, n_tokens: int = 16384,
+               seq_len: int = 512, log=print) -> Iterator[tuple[str, float]]:
+    """Yield (method spec, level) with ``model`` sparsified at that level (calibrated on its
+    own, stats reset), unsparsified again before the next."""
+    for spec in methods:
+        kwargs = parse_method(spec)
+        for level in sparsities:
+            log(f"{spec} at {level}: calibrating on {n_tokens} tokens, then evaluating ...")
+            sparseffn.sparsify(model, sparsity=level, calibration=calibration,
+                               tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
+                               progress=False, **kwargs)
+            sparseffn.reset_sparsity_stats(model)
+            try:
+                yield spec, level
+            finally:
+                sparseffn.unsparsify(model)
+
+
+def standard_error(accuracy: float, items: int) -> float:
+    """The standard error of an accuracy over ``items`` independent items."""
+    return math.sqrt(accuracy * (1 - accuracy) / items) if items else float("nan")
 
 
 def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
@@ -79,31 +105,24 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
     dense = evaluate(model, windows, tasks, progress=True)
     rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
                        dense["next_sentence"], dense["last_word"], time.time() - start,
-                       _speed(model, decode_tokens))]
+                       _speed(model, decode_tokens), n_items)]
     log(format_row(rows[-1]))
     if on_row is not None:
         on_row(rows)
-    for spec in methods:
-        kwargs = parse_method(spec)
-        for level in sparsities:
-            start = time.time()
-            log(f"{spec} at {level}: calibrating on {n_tokens} tokens, then evaluating ...")
-            sparseffn.sparsify(model, sparsity=level, calibration=calibration,
-                               tokenizer=tokenizer, n_tokens=n_tokens, seq_len=seq_len,
-                               progress=False, **kwargs)
-            sparseffn.reset_sparsity_stats(model)
-            # Measured sparsity is read over the perplexity windows only: held-out text.
-            ppl = perplexity(model, windows, progress=True)
-            report = sparseffn.sparsity_report(model)
-            accs = {task.name: task.evaluate(model, progress=True) for task in tasks}
-            rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
-                                   report.all_bytes_skipped, ppl, accs["next_sentence"],
-                                   accs["last_word"], time.time() - start,
-                                   _speed(model, decode_tokens)))
-            log(format_row(rows[-1]))
-            if on_row is not None:
-                on_row(rows)
-            sparseffn.unsparsify(model)
+    for spec, level in sparsified(model, tokenizer, methods, sparsities, calibration,
+                                  n_tokens, seq_len, log):
+        start = time.time()
+        # Measured sparsity is read over the perplexity windows only: held-out text.
+        ppl = perplexity(model, windows, progress=True)
+        report = sparseffn.sparsity_report(model)
+        accs = {task.name: task.evaluate(model, progress=True) for task in tasks}
+        rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
+                               report.all_bytes_skipped, ppl, accs["next_sentence"],
+                               accs["last_word"], time.time() - start,
+                               _speed(model, decode_tokens), n_items))
+        log(format_row(rows[-1]))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -114,9 +133,14 @@ def _speed(model: nn.Module, decode_tokens: int) -> float:
 def format_row(row: QualityRow) -> str:
     return (f"{row.method:<16} target {row.target:.2f} measured {row.measured:.3f} "
             f"ffn-bytes {row.ffn_bytes_skipped:.3f} ppl {row.perplexity:8.2f} "
-            f"next-sent {row.next_sentence:.3f} last-word {row.last_word:.3f} "
+            f"next-sent {_acc(row.next_sentence, row.items)} "
+            f"last-word {_acc(row.last_word, row.items)} "
             + (f"decode {row.decode_tok_s:.1f} tok/s " if row.decode_tok_s else "")
             + f"({row.seconds:.0f}s)")
+
+
+def _acc(value: float, items: int) -> str:
+    return f"{value:.3f} ± {standard_error(value, items):.3f}" if items else f"{value:.3f}"
 
 
 def markdown_table(rows: Sequence[QualityRow]) -> str:
@@ -128,7 +152,8 @@ def markdown_table(rows: Sequence[QualityRow]) -> str:
     for r in rows:
         lines.append(f"| {r.method} | {r.target:.2f} | {r.measured:.3f} | "
                      f"{r.ffn_bytes_skipped:.3f} | {r.all_bytes_skipped:.3f} | "
-                     f"{r.perplexity:.2f} | {r.next_sentence:.3f} | {r.last_word:.3f} |"
+                     f"{r.perplexity:.2f} | {_acc(r.next_sentence, r.items)} | "
+                     f"{_acc(r.last_word, r.items)} |"
                      + (f" {r.decode_tok_s:.1f} |" if speed else ""))
     return "\n".join(lines)
 
