@@ -116,7 +116,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              compile: bool = True, max_cache_len: int | None = None,
              generator: torch.Generator | None = None, min_new_tokens: int = 0,
-             streamer: object | None = None) -> torch.Tensor:
+             streamer: object | None = None,
+             stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+             = None) -> torch.Tensor:
     """Decode ``max_new_tokens`` after ``input_ids`` with a static cache and a compiled step.
 
     Args:
@@ -132,6 +134,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
             ``generate``'s ``min_new_tokens``).
         streamer: a transformers streamer (batch 1): it receives the prompt, then each new
             token as it is chosen, then ``end()``; the loop then stops as soon as EOS comes.
+        stopping_criteria: called after each token as transformers calls it, on the tokens so
+            far [B, P + t] and that step's logits, returning a bool per sequence (or one for
+            all); decoding ends once every sequence is stopped, and with an EOS token set a
+            stopped sequence continues with pads, as in transformers. A host sync per step.
         compile: compile the step (CUDA graphs on a GPU); False runs it eagerly.
         max_cache_len: the static cache's length (default P + max_new_tokens); a fixed value
             lets calls with different prompt lengths share one compiled step.
@@ -178,7 +184,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = out.logits[:, -1, :]
     # A streamer reads every token anyway (a host sync per step): test for the end each step.
-    check_every = 1 if streamer is not None else EOS_CHECK_EVERY
+    check_every = 1 if streamer is not None or stopping_criteria is not None \
+        else EOS_CHECK_EVERY
+    stops = eos.numel() > 0 or stopping_criteria is not None
     if streamer is not None:
         streamer.put(input_ids.cpu())
     n = 0
@@ -186,14 +194,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         if t < min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
         nxt = _choose(logits, do_sample, temperature, top_k, top_p, generator)
-        if eos.numel():  # without an EOS token no sequence ends: nothing to mask
+        if eos.numel():  # as transformers: finished sequences get pads only if EOS is set
             nxt = torch.where(finished, pad, nxt)
         tokens[:, P + t] = nxt
         n = t + 1
         if streamer is not None:
             streamer.put(nxt.cpu())
-        if eos.numel():
+        if stops:
             finished |= torch.isin(nxt, eos)
+            if stopping_criteria is not None:
+                done = stopping_criteria(tokens[:, :P + n], logits)
+                finished |= torch.as_tensor(done, device=finished.device)
             if (t + 1) % check_every == 0 and bool(finished.all()):
                 break
         if t + 1 == max_new_tokens:

@@ -6,8 +6,9 @@ H100 at Llama-3-8B's shape, TEAL at 50% ran 1.25x faster than dense through ``ge
 1.56x through ``sparseffn.generate`` (docs/e2e.md). ``sparsify`` therefore binds the
 ``generate`` below to the model: a call whose arguments the lean loop implements exactly
 (greedy or temperature / top-k / top-p sampling, EOS and stop tokens, ``max_new_tokens`` /
-``max_length``, ``min_new_tokens`` / ``min_length``, left-padded batches, a streamer) runs
-there; anything else (beam search, repetition penalties, logits processors, dict outputs, ...)
+``max_length``, ``min_new_tokens`` / ``min_length``, left-padded batches, a streamer,
+``stopping_criteria`` such as lm-eval's stop strings) runs there; anything else (beam search,
+repetition penalties, logits processors, dict outputs, ...)
 runs transformers' own ``generate`` and logs why, once per reason. Greedy outputs are the same
 tokens ``generate`` gives on the same sparse model.
 
@@ -115,7 +116,7 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
         return "the model is split over several devices (device_map)"
     for name in names[2:]:
-        if name != "streamer" and not _is_off(name, call.get(name)):
+        if name not in ("streamer", "stopping_criteria") and not _is_off(name, call.get(name)):
             return f"{name}= is not supported by the lean loop"
     kwargs.pop("tokenizer", None)  # only read for stop_strings, which are refused below
     attention_mask = kwargs.pop("attention_mask", None)
@@ -131,7 +132,11 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         return "use_cache=False"
     if config.cache_implementation not in _CACHES:
         return f"cache_implementation={config.cache_implementation!r}"
-    return _loop_args(input_ids, attention_mask, config, call.get("streamer"))
+    loop_args = _loop_args(input_ids, attention_mask, config, call.get("streamer"))
+    if isinstance(loop_args, dict) and not _is_off("stopping_criteria",
+                                                   call.get("stopping_criteria")):
+        loop_args["stopping_criteria"] = call["stopping_criteria"]
+    return loop_args
 
 
 def _loop_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: Any,

@@ -190,6 +190,34 @@ def test_cache_length_is_bucketed():
         [256, 256, 512, 1024, 2048]
 
 
+def test_stopping_criteria_are_routed_and_stop_like_transformers(routed):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        """Stops a sequence once it emitted ``token`` (a per-sequence criterion, as
+        lm-eval's stop strings are)."""
+
+        def __init__(self, prompt_len: int, token: int):
+            self.prompt_len, self.token = prompt_len, token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, self.prompt_len:] == self.token).any(dim=1)
+
+    model = _sparse()
+    ids = torch.randint(3, 1000, (2, 6))
+    free = type(model).generate(model, ids, max_new_tokens=12, do_sample=False,
+                                eos_token_id=None)
+    cases = [(int(free[0, 9]), None), (int(free[1, 7]), None), (int(free[0, 9]), 2)]
+    for stop, eos in cases:  # tokens the model emits; with an EOS set, stopped rows get pads
+        kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        got = model.generate(ids, stopping_criteria=StoppingCriteriaList([StopAfter(6, stop)]),
+                             **kw)
+        expected = type(model).generate(
+            model, ids, stopping_criteria=StoppingCriteriaList([StopAfter(6, stop)]), **kw)
+        assert torch.equal(got, expected)
+    assert len(routed) == 3 and "stopping_criteria" in routed[0]
+
+
 def test_logits_processor_falls_back(routed):
     from transformers import LogitsProcessorList, MinLengthLogitsProcessor
 
@@ -240,7 +268,7 @@ def test_cuda_route_compiles_and_matches_transformers(method):
     tokens equal transformers' loop on the same sparse model, batch 1 and a padded batch."""
     model = tiny_model("llama").cuda()
     calib = torch.randint(3, 1000, (8, 128), generator=torch.Generator().manual_seed(0))
-    sparseffn.sparsify(model, method, 0.5, calib.cuda(), **CALIB)
+    sparseffn.sparsify(model, method, 0.5, calib, **CALIB)
     ids = torch.randint(3, 1000, (1, 9)).cuda()
     plan = hf_generate.plan(model, (ids,), dict(max_new_tokens=12, do_sample=False))
     assert isinstance(plan, dict) and plan["compile"]

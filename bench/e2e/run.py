@@ -148,12 +148,13 @@ def run(args) -> list[dict]:
         method, _, scope = spec.partition(":")
         scope = scope or "mlp"
         print(f"[{time.perf_counter() - T0:5.0f}s] calibrating {spec}", flush=True)
-        cals, calib_s = calibrations(model, method, scope, args.sparsities, args.calib_tokens,
+        levels = getattr(args, "method_levels", {}).get(spec, args.sparsities)
+        cals, calib_s = calibrations(model, method, scope, levels, args.calib_tokens,
                                      args.calib_seq_len, args.progress)
         from sparseffn.patching import install, update_thresholds
         install(model, cals[0], kernel_mode=args.kernel_mode)
         _recompile(model)
-        for target, cal in zip(args.sparsities, cals):
+        for target, cal in zip(levels, cals):
             update_thresholds(model, cal)
             report = measure_sparsity(model)
             for sharing in args.sharing:
@@ -323,6 +324,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "(sparseffn.set_batch_sharing); each listed mode is measured")
     p.add_argument("--kernel-mode", default="always", choices=["auto", "always", "never"],
                    help="'always' runs the kernels at every batch size ('auto' only at batch 1)")
+    p.add_argument("--levels-from", metavar="CSV",
+                   help="time each method at its own levels: the PPL-p%% levels of a "
+                   "bench.quality.frontier CSV (its methods replace --methods/--sparsities)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--plot-from", nargs="+", metavar="CSV",
                    help="only draw --plot from earlier CSVs of this benchmark")
@@ -330,6 +334,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--json", help="profiles and checks")
     p.add_argument("--plot")
     return p
+
+
+def frontier_levels(path: str) -> dict[str, list[float]]:
+    """{method: its distinct PPL-p% levels above 0, ascending} from a frontier CSV."""
+    out: dict[str, set[float]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if float(r["level"]) > 0:
+                out.setdefault(r["method"], set()).add(float(r["level"]))
+    if not out:
+        raise SystemExit(f"{path} has no level above 0 (a bench.quality.frontier CSV?)")
+    return {m: sorted(levels) for m, levels in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +366,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench e2e times decoding on a GPU: --device {args.device} with "
                          f"--shape {args.shape} would build a full-size model on the CPU. Run it "
                          "on a CUDA device, or smoke-test on the CPU with --shape tiny-llama.")
+    if args.levels_from:
+        args.method_levels = frontier_levels(args.levels_from)
+        args.methods = list(args.method_levels)
     rows = run(args)
     if args.plot:
         plot(rows, args.plot)
