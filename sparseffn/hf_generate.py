@@ -53,8 +53,8 @@ _OFF = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "typica
 ROUTED_DEVICES = ("cuda",)
 #: Cache implementations whose outputs the lean loop's static cache reproduces.
 _CACHES = (None, "static", "dynamic")
-#: The static cache is sized to a power of two at least this long, so prompts of different
-#: lengths share one compiled step.
+#: The static cache is sized to a power of two at least this long (up to the model's context),
+#: so prompts of different lengths share one compiled step.
 MIN_CACHE_LEN = 256
 
 _SAID: set[str] = set()
@@ -86,10 +86,12 @@ def _left_padded(mask: torch.Tensor) -> bool:
     return bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] >= m[:, :-1]).all())
 
 
-def cache_len(total: int) -> int:
+def cache_len(total: int, max_positions: int | None = None) -> int:
     """The static cache length for ``total`` prompt + new tokens: the next power of two, at
-    least ``MIN_CACHE_LEN``."""
-    return max(MIN_CACHE_LEN, 1 << (total - 1).bit_length())
+    least ``MIN_CACHE_LEN``, but not past the model's ``max_positions`` unless ``total`` is
+    (a long context is not doubled)."""
+    bucket = max(MIN_CACHE_LEN, 1 << (total - 1).bit_length())
+    return max(total, min(bucket, max_positions)) if max_positions else bucket
 
 
 def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | str:
@@ -132,7 +134,8 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         return "use_cache=False"
     if config.cache_implementation not in _CACHES:
         return f"cache_implementation={config.cache_implementation!r}"
-    loop_args = _loop_args(input_ids, attention_mask, config, call.get("streamer"))
+    loop_args = _loop_args(input_ids, attention_mask, config, call.get("streamer"),
+                           getattr(model.config, "max_position_embeddings", None))
     if isinstance(loop_args, dict) and not _is_off("stopping_criteria",
                                                    call.get("stopping_criteria")):
         loop_args["stopping_criteria"] = call["stopping_criteria"]
@@ -140,7 +143,7 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def _loop_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: Any,
-               streamer: Any) -> dict[str, Any] | str:
+               streamer: Any, max_positions: int | None) -> dict[str, Any] | str:
     """Length, stopping, sampling and padding settings for the lean loop, as ``generate``
     resolves them from ``config`` (a resolved GenerationConfig)."""
     P = input_ids.shape[1]
@@ -166,7 +169,7 @@ def _loop_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, con
                 top_k=int(config.top_k or 0), top_p=float(config.top_p or 1.0),
                 eos_token_id=eos, pad_token_id=pad, min_new_tokens=min_new,
                 streamer=streamer, compile=input_ids.device.type == "cuda",
-                max_cache_len=max(cache_len(total), config.max_cache_len or 0))
+                max_cache_len=max(cache_len(total, max_positions), config.max_cache_len or 0))
 
 
 def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -188,6 +188,8 @@ def test_plan_names_what_it_refuses(routed):
 def test_cache_length_is_bucketed():
     assert [hf_generate.cache_len(n) for n in (1, 256, 257, 1000, 1025)] == \
         [256, 256, 512, 1024, 2048]
+    # Not doubled past the model's context: capped there, or the exact length beyond it.
+    assert [hf_generate.cache_len(n, 4096) for n in (3000, 4096, 5000)] == [4096, 4096, 5000]
 
 
 def test_stopping_criteria_are_routed_and_stop_like_transformers(routed):
