@@ -37,6 +37,7 @@ from sparseffn.eval.speed import decode_speed, device_name
 from sparseffn.eval.sweep import parse_method, save_figure
 
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
+YMAX = 15  # the plot's top, % perplexity increase: the PPL-p% region
 FIELDS = ["method", "domain", "percent", "level", "measured", "all_bytes_skipped",
           "perplexity", "dense_perplexity", "increase", "tok_s", "dense_tok_s", "speedup",
           "byte_limit_speedup", "evaluations", "device", "threads", "torch"]
@@ -205,11 +206,13 @@ def plot(curve_csv: str, rows: list[dict], path: str) -> None:
 
     with open(curve_csv) as f:
         pts = list(csv.DictReader(f))
+    pcts = sorted({r["percent"] for r in rows})
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(13, 4.8), sharey=True)
     for ax, domain in zip(axes, DOMAINS):
         for k, spec in enumerate(dict.fromkeys(p["method"] for p in pts)):
             mine = sorted((float(p["all_bytes_skipped"]), 100 * float(p[f"increase_{domain}"]))
-                          for p in pts if p["method"] == spec)
+                          for p in pts if p["method"] == spec
+                          and float(p[f"increase_{domain}"]) <= YMAX / 100)
             color = f"C{k}"
             ax.plot([1 / (1 - x) for x, _ in mine], [y for _, y in mine], "-", color=color,
                     lw=1, alpha=0.6, label=f"{spec} (byte limit)")
@@ -217,14 +220,18 @@ def plot(curve_csv: str, rows: list[dict], path: str) -> None:
                      and r["speedup"] != "" and r["level"] > 0]
             ax.plot([r["speedup"] for r in found], [100 * r["increase"] for r in found], "o",
                     color=color, label=f"{spec} (measured, PPL-p% levels)")
-        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(-2, YMAX)
+        ax.set_xlim(0.95, 2.0)
+        for p in pcts:
+            ax.axhline(p, color="k", ls=":", lw=0.8)
         ax.set_xlabel("decode speedup over dense")
         ax.set_title(DOMAINS[domain])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("perplexity increase over dense, %")
     axes[-1].legend(fontsize=7)
-    save_figure(fig, "SmolLM2-135M: quality against speed (lines: byte limit at every level "
-                     "evaluated; dots: measured on this CPU)", path)
+    save_figure(fig, "SmolLM2-135M: perplexity increase against decode speedup (lines: byte "
+                     "limit at every level evaluated; dots: measured on this CPU at the PPL-p% "
+                     "levels, dotted: p)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,9 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv")
     p.add_argument("--curve-csv", help="every evaluated level (default: beside --csv)")
     p.add_argument("--plot")
+    p.add_argument("--replot", action="store_true",
+                   help="only draw --plot from an earlier run's --csv and --curve-csv")
     a = p.parse_args(argv)
     if a.curve_csv is None and a.csv:
         a.curve_csv = str(Path(a.csv).with_name(Path(a.csv).stem + "_curve.csv"))
+    if a.replot:
+        with open(a.csv) as f:
+            rows = [{k: (float(v) if k in ("percent", "level", "increase", "speedup") and v != ""
+                         else v) for k, v in r.items()} for r in csv.DictReader(f)]
+        plot(a.curve_csv, rows, a.plot)
+        return 0
     if a.curve_csv and Path(a.curve_csv).exists():
         Path(a.curve_csv).unlink()
     rows = run(a)
