@@ -160,6 +160,7 @@ def _eval_lm_eval(args: argparse.Namespace) -> None:
     from sparseffn.data import BUILTIN_SOURCES
     from sparseffn.errors import SparseFFNError
     from sparseffn.eval import harness
+    from sparseffn.eval.sweep import write_csv
 
     if not harness.lm_eval_available():
         raise SparseFFNError("--harness lm-eval needs lm-eval: pip install 'sparseffn[lm-eval]'")
@@ -178,7 +179,7 @@ def _eval_lm_eval(args: argparse.Namespace) -> None:
         model, tokenizer, args.methods, args.sparsities, args.data, tasks,
         include_path=folder, batch_size=args.batch_size, limit=args.limit,
         n_tokens=args.tokens, seq_len=args.seq_len,
-        on_row=(lambda done: harness.write_rows(done, args.csv, extra)) if args.csv else None)
+        on_row=(lambda done: write_csv(done, args.csv, extra)) if args.csv else None)
     print(harness.harness_table(rows))
     if args.csv:
         print(f"wrote {args.csv}")

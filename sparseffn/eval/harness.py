@@ -20,7 +20,6 @@ scans, keyed by a hash of their content so a re-run reuses them.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -266,13 +265,3 @@ def harness_table(rows: list[dict[str, Any]]) -> str:
                      + " | ".join(_cell(rows, method, target, t) for t in tasks) + " |")
     return "\n".join(lines)
 
-
-def write_rows(rows: list[dict[str, Any]], path: str | Path, extra: dict[str, str]) -> None:
-    """Write ``rows`` as CSV with ``extra`` columns (device, versions, data) on every line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(extra) + list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**extra, **r})

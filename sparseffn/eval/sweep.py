@@ -158,16 +158,18 @@ def markdown_table(rows: Sequence[QualityRow]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[QualityRow], path: str | Path, extra: dict[str, str]) -> None:
-    """Write ``rows`` with ``extra`` columns (device, versions, data) on every line."""
+def write_csv(rows: Sequence[QualityRow | dict[str, Any]], path: str | Path,
+              extra: dict[str, str]) -> None:
+    """Write ``rows`` (QualityRows or dicts) with ``extra`` columns (device, versions, data)
+    on every line."""
+    dicts = [r if isinstance(r, dict) else asdict(r) for r in rows]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        fields = list(extra) + list(asdict(rows[0]))
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=list(extra) + list(dicts[0]))
         writer.writeheader()
-        for r in rows:
-            writer.writerow({**extra, **asdict(r)})
+        for r in dicts:
+            writer.writerow({**extra, **r})
 
 
 def save_figure(fig: Any, title: str, path: str | Path, fontsize: int = 10) -> None:
