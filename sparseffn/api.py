@@ -171,7 +171,7 @@ def set_lean_generate(model: nn.Module, enabled: bool = True) -> nn.Module:
 
     Enabled (the default after ``sparsify``): on CUDA, a ``generate`` call whose options the
     lean loop implements (greedy or temperature / top-k / top-p sampling, EOS and stop tokens,
-    max/min new tokens, left-padded batches, a streamer) decodes with a static cache and one
+    max/min new tokens, left-padded batches, a streamer, stopping criteria) decodes with a static cache and one
     compiled step per token (``sparseffn.generate``), the same greedy tokens as transformers'
     loop; other calls run transformers' loop and log why once. The first call per batch size
     and cache length (a power of two) compiles. ``enabled=False``: transformers' loop always.

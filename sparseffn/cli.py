@@ -164,6 +164,9 @@ def _eval_lm_eval(args: argparse.Namespace) -> None:
 
     if not harness.lm_eval_available():
         raise SparseFFNError("--harness lm-eval needs lm-eval: pip install 'sparseffn[lm-eval]'")
+    if args.plot:
+        raise SparseFFNError("--plot draws the built-in evaluation; with --harness lm-eval "
+                             "use --csv (one line per task and metric)")
     if args.tasks:
         tasks = args.tasks
     elif args.eval_data in BUILTIN_SOURCES:

@@ -135,8 +135,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         streamer: a transformers streamer (batch 1): it receives the prompt, then each new
             token as it is chosen, then ``end()``; the loop then stops as soon as EOS comes.
         stopping_criteria: called after each token as transformers calls it, on the tokens so
-            far [B, P + t] and that step's logits, returning a bool per sequence (or one for
-            all); decoding ends once every sequence is stopped, and with an EOS token set a
+            far [B, P + t] (and scores=None), returning a bool per sequence (or one for all); decoding ends once every sequence is stopped, and with an EOS token set a
             stopped sequence continues with pads, as in transformers. A host sync per step.
         compile: compile the step (CUDA graphs on a GPU); False runs it eagerly.
         max_cache_len: the static cache's length (default P + max_new_tokens); a fixed value
@@ -203,7 +202,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         if stops:
             finished |= torch.isin(nxt, eos)
             if stopping_criteria is not None:
-                done = stopping_criteria(tokens[:, :P + n], logits)
+                # scores=None as generate passes them unless it returns scores; the logits
+                # here are a CUDA-graph buffer the next step overwrites.
+                done = stopping_criteria(tokens[:, :P + n], None)
                 finished |= torch.as_tensor(done, device=finished.device)
             if (t + 1) % check_every == 0 and bool(finished.all()):
                 break

@@ -10,7 +10,8 @@ H100 at Llama-3-8B's shape, TEAL at 50% ran 1.25x faster than dense through ``ge
 ``stopping_criteria`` such as lm-eval's stop strings) runs there; anything else (beam search,
 repetition penalties, logits processors, dict outputs, ...)
 runs transformers' own ``generate`` and logs why, once per reason. Greedy outputs are the same
-tokens ``generate`` gives on the same sparse model.
+tokens ``generate`` gives on the same sparse model (tested in fp32; in bf16 a compiled step's
+rounding can flip a near-tie, as any compiled decode can).
 
 It routes only on CUDA, where the compiled step and its CUDA graph pay. On the CPU the step is
 not compiled (the CPU ops are plain C calls) and the lean loop measured no faster than
@@ -49,6 +50,9 @@ _OFF = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "typica
         "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
         "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0,
         "encoder_no_repeat_ngram_size": 0, "diversity_penalty": 0.0}
+#: transformers' default ``max_length`` (GenerationConfig), which it reads as new tokens or as
+#: all tokens depending on its version: such calls take its own loop.
+DEFAULT_MAX_LENGTH = 20
 #: Devices whose ``generate`` calls take the lean loop (the tests add "cpu").
 ROUTED_DEVICES = ("cuda",)
 #: Cache implementations whose outputs the lean loop's static cache reproduces.
@@ -122,8 +126,8 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
             return f"{name}= is not supported by the lean loop"
     kwargs.pop("tokenizer", None)  # only read for stop_strings, which are refused below
     attention_mask = kwargs.pop("attention_mask", None)
-    config, model_kwargs = model._prepare_generation_config(call.get("generation_config"),
-                                                           **kwargs)
+    given = call.get("generation_config")
+    config, model_kwargs = model._prepare_generation_config(given, **kwargs)
     extra = sorted(k for k, v in model_kwargs.items() if v is not None and v is not False)
     if extra:
         return f"model inputs {extra} are not supported by the lean loop"
@@ -134,11 +138,25 @@ def plan(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         return "use_cache=False"
     if config.cache_implementation not in _CACHES:
         return f"cache_implementation={config.cache_implementation!r}"
+    if config.max_new_tokens is None and kwargs.get("max_length") is None \
+            and (given is None or given.max_length is None) \
+            and config.max_length == DEFAULT_MAX_LENGTH:
+        # generate's default length: new tokens or all tokens depending on the transformers
+        # version and on where the default came from; generate itself knows.
+        return "no max_new_tokens or max_length given (generate's default length)"
+    criteria = call.get("stopping_criteria")
+    if not _is_off("stopping_criteria", criteria):
+        from transformers import StoppingCriteriaList
+        criteria = StoppingCriteriaList(criteria)  # generate takes a plain list too
+        if any(getattr(c, "eos_token_id", None) is not None for c in criteria):
+            return "a stopping criterion that carries an EOS token (generate pads after it)"
+    else:
+        criteria = None
+    max_positions = getattr(model.config, "max_position_embeddings", None)
     loop_args = _loop_args(input_ids, attention_mask, config, call.get("streamer"),
-                           getattr(model.config, "max_position_embeddings", None))
-    if isinstance(loop_args, dict) and not _is_off("stopping_criteria",
-                                                   call.get("stopping_criteria")):
-        loop_args["stopping_criteria"] = call["stopping_criteria"]
+                           max_positions)
+    if isinstance(loop_args, dict):
+        loop_args["stopping_criteria"] = criteria
     return loop_args
 
 
@@ -151,7 +169,8 @@ def _loop_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, con
         else (config.max_length or 0) - P
     if new < 1:
         return f"no new tokens to generate (max_length={config.max_length}, prompt {P})"
-    min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - P)
+    min_new = config.min_new_tokens if config.min_new_tokens is not None \
+        else max(0, (config.min_length or 0) - P)
     eos = _eos_list(config.eos_token_id)
     pad = config.pad_token_id
     if attention_mask is None and pad is not None and pad not in eos \
@@ -160,13 +179,14 @@ def _loop_args(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, con
     if attention_mask is not None and (attention_mask.shape != input_ids.shape
                                        or not _left_padded(attention_mask)):
         return "the attention mask is not a left-padded [batch, length] 0/1 mask"
-    if config.do_sample and (not config.temperature or config.temperature <= 0
-                             or not 0 < (config.top_p or 1.0) <= 1):
-        return "sampling settings generate itself checks"
+    temperature = 1.0 if config.temperature is None else float(config.temperature)
+    top_p = 1.0 if config.top_p is None else float(config.top_p)
+    if config.do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        return "sampling settings outside the lean loop's range (temperature <= 0 or top_p 0)"
     total = P + new
     return dict(input_ids=input_ids, max_new_tokens=new, attention_mask=attention_mask,
-                do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0),
-                top_k=int(config.top_k or 0), top_p=float(config.top_p or 1.0),
+                do_sample=bool(config.do_sample), temperature=temperature,
+                top_k=int(config.top_k or 0), top_p=top_p,
                 eos_token_id=eos, pad_token_id=pad, min_new_tokens=min_new,
                 streamer=streamer, compile=input_ids.device.type == "cuda",
                 max_cache_len=max(cache_len(total, max_positions), config.max_cache_len or 0))
@@ -178,7 +198,10 @@ def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
 
     if not patch_state(model).lean_generate:
         return type(model).generate(model, *args, **kwargs)
-    loop_args = plan(model, args, dict(kwargs))
+    try:
+        loop_args = plan(model, args, dict(kwargs))
+    except Exception as exc:  # noqa: BLE001 - generate itself reports what is wrong in a call
+        loop_args = f"its arguments could not be translated ({type(exc).__name__}: {exc})"
     if isinstance(loop_args, str):
         # Info for the device (nothing to change in the call), a warning for an option.
         device = loop_args.startswith("the model runs on")

@@ -77,6 +77,54 @@ def test_eos_pad_min_new_tokens_and_max_length(routed):
     assert routed[3]["max_new_tokens"] == 9
 
 
+def test_pad_defaults_to_eos_and_streamer_stops_at_eos(routed):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.parts = []
+
+        def put(self, value):
+            self.parts.append(value.flatten().tolist())
+
+        def end(self):
+            self.parts.append("end")
+
+    model = _sparse()
+    model.generation_config.pad_token_id = None
+    ids = torch.randint(3, 1000, (2, 5))
+    free = type(model).generate(model, ids, max_new_tokens=12, do_sample=False,
+                                eos_token_id=None)
+    eos = int(free[0, 7])
+    got, expected = _both(model, ids, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    assert torch.equal(got, expected)  # finished rows padded with the EOS token
+    ours, theirs = Collect(), Collect()
+    one = ids[:1]
+    got = model.generate(one, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                         streamer=ours)
+    expected = type(model).generate(model, one, max_new_tokens=12, do_sample=False,
+                                    eos_token_id=eos, streamer=theirs)
+    assert torch.equal(got, expected) and ours.parts == theirs.parts
+    assert len(routed) == 2
+
+
+def test_default_length_and_translation_errors_fall_back(routed, monkeypatch, caplog):
+    model = _sparse()
+    ids = torch.randint(3, 1000, (1, 5))
+    assert "default length" in hf_generate.plan(model, (ids,), {"do_sample": False})
+    got, expected = _both(model, ids, do_sample=False, eos_token_id=None)
+    assert torch.equal(got, expected) and not routed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hf_generate, "_loop_args", broken)
+    with caplog.at_level(logging.WARNING, logger="sparseffn.hf_generate"):
+        got = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert got.shape == (1, 8) and not routed
+    assert any("RuntimeError: boom" in r.getMessage() for r in caplog.records)
+
+
 def test_left_padded_batch_and_inferred_mask(routed):
     model = _sparse()
     ids = torch.randint(3, 1000, (3, 8))
@@ -212,12 +260,16 @@ def test_stopping_criteria_are_routed_and_stop_like_transformers(routed):
     cases = [(int(free[0, 9]), None), (int(free[1, 7]), None), (int(free[0, 9]), 2)]
     for stop, eos in cases:  # tokens the model emits; with an EOS set, stopped rows get pads
         kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
-        got = model.generate(ids, stopping_criteria=StoppingCriteriaList([StopAfter(6, stop)]),
-                             **kw)
+        got = model.generate(ids, stopping_criteria=[StopAfter(6, stop)], **kw)  # a plain list
         expected = type(model).generate(
             model, ids, stopping_criteria=StoppingCriteriaList([StopAfter(6, stop)]), **kw)
         assert torch.equal(got, expected)
-    assert len(routed) == 3 and "stopping_criteria" in routed[0]
+    assert len(routed) == 3 and routed[0]["stopping_criteria"] is not None
+    # A criterion carrying an EOS token makes generate pad after it: its own loop runs.
+    carrier = StopAfter(6, 5)
+    carrier.eos_token_id = torch.tensor([5])
+    assert "EOS" in hf_generate.plan(model, (ids,), dict(max_new_tokens=4,
+                                                         stopping_criteria=[carrier]))
 
 
 def test_logits_processor_falls_back(routed):

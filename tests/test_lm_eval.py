@@ -63,6 +63,35 @@ def test_patched_model_through_all_three_request_types(builtin, folder):
         dense["sparseffn_ppl_pydoc"]["word_perplexity"]
 
 
+def test_generation_requests_through_the_lean_loop_score_the_same(builtin, folder,
+                                                                monkeypatch):
+    """lm-eval's generate_until (its stop strings as stopping criteria, padded batches) routed
+    through the lean loop gives the same answers as transformers' loop."""
+    from sparseffn import hf_generate
+
+    model, tokenizer = builtin
+    calib = sparseffn.load_texts("pydoc", "calibration")
+    sparseffn.sparsify(model, "teal", 0.5, calib, tokenizer=tokenizer, n_tokens=1024,
+                       progress=False)
+    try:
+        task = ["sparseffn_lastword_pydoc"]
+        plain = harness.run_lm_eval(model, tokenizer, task, include_path=folder, limit=8)
+        calls = []
+        real = hf_generate.lean_generate
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hf_generate, "ROUTED_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(hf_generate, "lean_generate", spy)
+        routed = harness.run_lm_eval(model, tokenizer, task, include_path=folder, limit=8)
+    finally:
+        sparseffn.unsparsify(model)
+    assert calls and calls[0]["stopping_criteria"] is not None
+    assert routed == plain
+
+
 def test_patched_at_sparsity_zero_scores_like_the_original(builtin, folder):
     model, tokenizer = builtin
     tasks = ["sparseffn_ppl_pydoc", "sparseffn_nextsent_pydoc"]

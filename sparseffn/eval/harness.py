@@ -167,7 +167,8 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
 
     Returns:
         {task: {metric: value, metric + "_stderr": standard error}} for every numeric
-        metric of every task (lm-eval's "metric,filter" keys reduced to the metric name).
+        metric of every task: lm-eval's "metric,filter" keys reduced to the metric name, or
+        to "metric/filter" where a task reports through several filters.
     """
     _need_lm_eval()
     import lm_eval
@@ -181,8 +182,18 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
                                   log_samples=False)
     results: dict[str, dict[str, float]] = {}
     for task, metrics in out["results"].items():
-        results[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
-                         if isinstance(value, (int, float)) and key != "sample_len"}
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and "," in k}
+        # A task reporting through several filters (gsm8k's strict and flexible match) keeps
+        # them apart as metric/filter; one filter: the plain metric name.
+        several = len({k.split(",", 1)[1] for k in numeric}) > 1
+        results[task] = {}
+        for key, value in numeric.items():
+            metric, filt = key.split(",", 1)
+            stderr = metric.endswith("_stderr")
+            base = metric[:-len("_stderr")] if stderr else metric
+            name = f"{base}/{filt}" if several else base
+            results[task][name + ("_stderr" if stderr else "")] = value
     return results
 
 
