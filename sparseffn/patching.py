@@ -16,6 +16,7 @@ from sparseffn.dispatch import KernelMode
 from calibrate.fit import split_key
 from sparseffn.errors import CalibrationError, PatchStateError, SparseFFNError
 from sparseffn import hf_generate
+from sparseffn.generation import clear_decode_loops
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 signal_of)
 from sparseffn.methods import ACT_SITE, Method, get_method, method_names
@@ -130,6 +131,7 @@ def install(model: nn.Module, calibration: Calibration,
     setattr(model, STATE_ATTR, PatchState(spec, calibration))
     set_kernel_mode(model, kernel_mode)
     hf_generate.attach(model)
+    clear_decode_loops(model)  # steps compiled over the dense modules: free their caches
 
 
 def set_kernel_mode(model: nn.Module, mode: KernelMode | str, keep_layout: bool = False) -> None:
@@ -214,4 +216,5 @@ def remove(model: nn.Module) -> None:
             if isinstance(module, SparseLinear):
                 setattr(attn, site, module.base)
     hf_generate.detach(model)
+    clear_decode_loops(model)  # steps compiled over the sparse modules: free their caches
     delattr(model, STATE_ATTR)
