@@ -56,7 +56,8 @@ class Curve:
             sparseffn.set_sparsity(self.model, level)
             sparseffn.reset_sparsity_stats(self.model)
             point = {d: perplexity(self.model, w) for d, w in self.windows.items()}
-            report = sparseffn.sparsity_report(self.model)  # over every domain's windows
+            # Measured over every domain's windows together: one set of thresholds serves both.
+            report = sparseffn.sparsity_report(self.model)
             point.update(measured=report.overall, all_bytes_skipped=report.all_bytes_skipped)
             self.points[level] = point
         return self.points[level]
