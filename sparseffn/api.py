@@ -78,7 +78,8 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
         tokenizer: the model's tokenizer, needed when fitting on text (default: the one saved
             in the folder the model was loaded from).
         scope: "mlp" (default) or "all" (attention projections too; input methods only).
-        allocation: "uniform" (default) or "greedy" (input methods only).
+        allocation: "uniform" (default), "greedy" (input methods only: within each layer) or
+            "layers" (across layers, against each layer's measured sensitivity).
         config: a full SparsityConfig instead of method/sparsity/scope/allocation (passing
             both is an error).
         n_tokens, seq_len, batch_size: how much calibration text to observe, and in what windows.

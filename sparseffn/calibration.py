@@ -8,6 +8,7 @@ really produces, which is what the thresholds will meet at run time.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -16,10 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibrate.allocate import greedy_levels
+from calibrate.allocate import LAYER_ALPHAS, MAX_SITE_SPARSITY, greedy_levels, layer_levels
 from calibrate.artifact import Calibration, model_fingerprint
 from calibrate.fit import (as_windows, check_token_count, fit_thresholds, layer_entries,
-                           site_key, uniform_sparsities)
+                           site_key, split_key, uniform_sparsities)
 from calibrate.observe import LayerObserver, run_observed
 from sparseffn.config import SparsityConfig
 from sparseffn.data import token_windows
@@ -149,6 +150,62 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method,
     return result
 
 
+#: The level one layer is raised to, alone, to measure its sensitivity: the target plus this.
+PROBE_STEP = 0.2
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, windows: torch.Tensor) -> float:
+    """Mean next-token loss of ``model`` on ``windows`` [N, L]."""
+    device = model.get_input_embeddings().weight.device
+    ids = windows.to(device)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1)))
+
+
+@torch.no_grad()
+def layer_sparsities(model: nn.Module, method: Method, scaffold: Calibration,
+                     stats: dict[str, torch.Tensor], windows: torch.Tensor,
+                     progress: bool = True) -> dict[str, float]:
+    """Per-site sparsities spread across layers by sensitivity (``calibrate.allocate
+    .layer_levels``), every site of a layer at its layer's level, the mean at the target.
+
+    Sensitivity: the loss increase on ``windows`` (calibration text) with one layer alone at
+    the target plus ``PROBE_STEP``. The spread is the ``LAYER_ALPHAS`` value whose levels give
+    the lowest loss there. ``model`` must be patched with ``scaffold``; its thresholds change.
+    """
+    target = scaffold.config.sparsity
+    keys = list(scaffold.sparsities)
+    n_layers = len(decoder_layers(model))
+    for _, module in sparse_modules(model):
+        module.track = False  # search passes are not measurements
+
+    def apply(levels: list[float]) -> dict[str, float]:
+        sparsities = {k: levels[split_key(k)[0]] for k in keys}
+        thresholds = fit_thresholds(method.fit, stats, sparsities)
+        update_thresholds(model, replace(scaffold, sparsities=sparsities, thresholds=thresholds))
+        return sparsities
+
+    apply([0.0] * n_layers)
+    dense = _loss(model, windows)
+    probe = min(MAX_SITE_SPARSITY, target + PROBE_STEP)
+    sensitivity = []
+    for i in tqdm(range(n_layers), desc="layer sensitivity", disable=not progress):
+        apply([probe if j == i else 0.0 for j in range(n_layers)])
+        sensitivity.append(_loss(model, windows) - dense)
+    best = None
+    for alpha in LAYER_ALPHAS:
+        levels = layer_levels(sensitivity, target, alpha)
+        apply(levels)
+        loss = _loss(model, windows)
+        if best is None or loss < best[0]:
+            best = (loss, levels)
+    for _, module in sparse_modules(model):
+        module.track = True
+    return apply(best[1])
+
+
 def _scaffold(model: nn.Module, config: SparsityConfig,
               sparsities: dict[str, float]) -> Calibration:
     """Zero thresholds at every site: the patched model (neuron sites through the method's
@@ -222,6 +279,9 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
         if config.allocation == "greedy":
             sparsities = greedy_sparsities(model, spec, method, config, stats, windows[:2],
                                            progress=progress)
+        elif config.allocation == "layers":
+            sparsities = layer_sparsities(model, method, scaffold, stats, windows[-2:],
+                                          progress=progress)
         for k in range(refine):
             update_thresholds(model, replace(
                 scaffold, sparsities=sparsities,
@@ -257,6 +317,12 @@ def refit(calibration: Calibration, sparsity: float, spec: FamilySpec) -> Calibr
             "recalibrate with text to change its sparsity, or use allocation='uniform'"
         )
     method = get_method(config.method, spec)
-    sparsities = {key: sparsity for key in calibration.sparsities}
+    if config.allocation == "layers":
+        # Keep each layer's offset from the old target, the mean moved to the new one.
+        offsets = [s - calibration.config.sparsity for s in calibration.sparsities.values()]
+        sparsities = dict(zip(calibration.sparsities, layer_levels(
+            [math.exp(-o) for o in offsets], sparsity, 1.0)))
+    else:
+        sparsities = {key: sparsity for key in calibration.sparsities}
     return replace(calibration, config=config, sparsities=sparsities,
                    thresholds=fit_thresholds(method.fit, calibration.stats, sparsities))

@@ -10,7 +10,7 @@ from sparseffn.methods import DEFAULT_METHOD, method_class, method_names
 
 CONFIG_VERSION = 1
 SCOPES = ("mlp", "all")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "layers")
 
 
 @dataclass
@@ -25,8 +25,10 @@ class SparsityConfig:
             predictor of gate rows too).
         scope: ``"mlp"`` (FFN projections) or ``"all"`` (also q, k, v, o); only teal/wina
             can gate attention projections.
-        allocation: ``"uniform"`` (every site at ``sparsity``) or ``"greedy"`` (TEAL-style:
-            per decoder layer, raise the site whose increase costs least layer-output error).
+        allocation: ``"uniform"`` (every site at ``sparsity``), ``"greedy"`` (TEAL-style:
+            per decoder layer, raise the site whose increase costs least layer-output error)
+            or ``"layers"`` (across layers: each layer's level set against its measured
+            sensitivity, the mean at ``sparsity``; ``calibrate.allocate.layer_levels``).
         layer_sparsity: per-layer overrides ``{layer_index: sparsity}``.
         greedy_step: sparsity increment per greedy step.
         predictor_rank: rank of the "predictor" method's networks (0: ``default_rank``).
@@ -77,6 +79,9 @@ class SparsityConfig:
                 f"greedy allocation shares sparsity among a layer's projections, so it needs one "
                 f"of {input_methods()}; {self.method!r} has one site per layer. Use 'uniform'."
             )
+        if self.allocation == "layers" and self.layer_sparsity:
+            raise SparseFFNError("allocation='layers' sets every layer's level itself; drop "
+                                 "layer_sparsity or use allocation='uniform'")
         if isinstance(self.predictor_rank, bool) or not isinstance(self.predictor_rank, int) \
                 or self.predictor_rank < 0:
             raise SparseFFNError(f"predictor_rank must be an int >= 0 (0: automatic), got "
