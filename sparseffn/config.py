@@ -79,6 +79,10 @@ class SparsityConfig:
                 f"greedy allocation shares sparsity among a layer's projections, so it needs one "
                 f"of {input_methods()}; {self.method!r} has one site per layer. Use 'uniform'."
             )
+        if self.allocation == "layers" and (method.trained or not method.needs_calibration):
+            raise SparseFFNError(
+                f"allocation='layers' fits levels from calibration statistics; {self.method!r} "
+                f"{'trains its own parts' if method.trained else 'has none'}. Use 'uniform'.")
         if self.allocation == "layers" and self.layer_sparsity:
             raise SparseFFNError("allocation='layers' sets every layer's level itself; drop "
                                  "layer_sparsity or use allocation='uniform'")

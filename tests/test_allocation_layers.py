@@ -55,3 +55,6 @@ def test_sparsify_with_layer_allocation(tmp_path):
 def test_layer_allocation_refuses_per_layer_overrides():
     with pytest.raises(sparseffn.SparseFFNError, match="allocation='layers'"):
         sparseffn.SparsityConfig(method="teal", allocation="layers", layer_sparsity={0: 0.3})
+    for method in ("topk", "predictor"):
+        with pytest.raises(sparseffn.SparseFFNError, match="Use 'uniform'"):
+            sparseffn.SparsityConfig(method=method, allocation="layers")
