@@ -135,8 +135,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
         streamer: a transformers streamer (batch 1): it receives the prompt, then each new
             token as it is chosen, then ``end()``; the loop then stops as soon as EOS comes.
         stopping_criteria: called after each token as transformers calls it, on the tokens so
-            far [B, P + t] (and scores=None), returning a bool per sequence (or one for all); decoding ends once every sequence is stopped, and with an EOS token set a
-            stopped sequence continues with pads, as in transformers. A host sync per step.
+            far [B, P + t] (and scores=None), returning a bool per sequence (or one for all);
+            decoding ends once every sequence is stopped, and with an EOS token set a stopped
+            sequence continues with pads, as in transformers. A host sync per step.
         compile: compile the step (CUDA graphs on a GPU); False runs it eagerly.
         max_cache_len: the static cache's length (default P + max_new_tokens); a fixed value
             lets calls with different prompt lengths share one compiled step.

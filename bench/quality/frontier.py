@@ -34,14 +34,10 @@ import sparseffn
 from sparseffn.data import builtin_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.speed import decode_speed, device_name
-from sparseffn.eval.sweep import parse_method, save_figure
+from sparseffn.eval.sweep import parse_method, save_figure, write_csv
 
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 YMAX = 15  # the plot's top, % perplexity increase: the PPL-p% region
-FIELDS = ["method", "domain", "percent", "level", "measured", "all_bytes_skipped",
-          "perplexity", "dense_perplexity", "increase", "tok_s", "dense_tok_s", "speedup",
-          "byte_limit_speedup", "evaluations", "device", "threads", "torch"]
-
 
 class Curve:
     """Perplexity per domain at target levels of one patched model, each level evaluated once."""
@@ -116,14 +112,16 @@ def run(a: argparse.Namespace) -> list[dict]:
                     "byte_limit_speedup": round(1 / (1 - skipped), 3),
                     "evaluations": len(curve.points), **facts})
                 print(_fmt(rows[-1]), flush=True)
-                _write(rows, a.csv)
+                if a.csv:
+                    write_csv(rows, a.csv, {})
         _write_curve(spec, curve, dense_ppl, a.curve_csv)
         sparseffn.unsparsify(model)
         print(f"{spec}: {len(curve.points)} levels evaluated in {time.time() - t0:.0f} s",
               flush=True)
     if a.speed_tokens:
         _speeds(model, fitted, rows, a.speed_tokens)
-        _write(rows, a.csv)
+        if a.csv:
+            write_csv(rows, a.csv, {})
     return rows
 
 
@@ -155,15 +153,6 @@ def _fmt(r: dict) -> str:
     return (f"{r['method']:<10} {r['domain']:<13} PPL-{r['percent']}%: level {r['level']:.3f} "
             f"(measured {r['measured']:.3f}) ppl {r['perplexity']:.2f} "
             f"(+{100 * r['increase']:.1f}%) byte limit x{r['byte_limit_speedup']:.2f}")
-
-
-def _write(rows: list[dict], path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
 
 
 def _write_curve(spec: str, curve: Curve, dense: dict, path: str | None) -> None:
