@@ -154,12 +154,18 @@ def run(args) -> list[dict]:
         from sparseffn.patching import install, update_thresholds
         install(model, cals[0], kernel_mode=args.kernel_mode)
         _recompile(model)
+        shared_before = False
         for target, cal in zip(levels, cals):
             update_thresholds(model, cal)
             report = measure_sparsity(model)
             for sharing in args.sharing:
-                sparseffn.set_batch_sharing(model, sharing == "shared")
-                _recompile(model)
+                shared = sharing == "shared"
+                sparseffn.set_batch_sharing(model, shared)
+                # Thresholds are tensors swapped in place, so a per-token model keeps its
+                # compiled step across levels; a shared one bakes its kept counts in.
+                if shared or shared_before:
+                    _recompile(model)
+                shared_before = shared
                 for harness in args.harnesses:
                     for b, p in _grid(args, harness):
                         rate = H.decode_rate(model, harness, b, p, args.new_tokens,
@@ -170,7 +176,6 @@ def run(args) -> list[dict]:
                                      "sharing": sharing,
                                      "over_dense_generate": _user_view(rate, dense, b, p)})
                         print(_fmt(rows[-1]), flush=True)
-            sparseffn.set_batch_sharing(model, False)
             if args.profile and device.startswith("cuda") and abs(target - 0.5) < 1e-9:
                 for harness in args.harnesses:
                     extras["profiles"][f"{spec}/{harness}"] = H.profile_steps(
@@ -180,6 +185,7 @@ def run(args) -> list[dict]:
                 key = f"{spec}@{target}"
                 extras["checks"][key] = check_kernel_path(model)
                 print(f"check {key}: {extras['checks'][key]}", flush=True)
+        sparseffn.set_batch_sharing(model, False)
         sparseffn.unsparsify(model)
         _recompile(model)
         if args.json:
@@ -223,6 +229,7 @@ def _recompile(model) -> None:
 
 
 T0 = time.perf_counter()
+DEFAULT_METHODS = ("teal:all", "wina:all", "cats", "chess")
 
 
 class _Rows(list):
@@ -298,7 +305,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (smoke runs)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--methods", nargs="+", default=["teal:all", "wina:all", "cats", "chess"])
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="default teal:all wina:all cats chess; with --levels-from, the CSV's "
+                   "methods, or those of them listed here")
     p.add_argument("--sparsities", nargs="+", type=float,
                    default=[0.0, 0.25, 0.4, 0.5, 0.65, 0.75])
     p.add_argument("--harnesses", nargs="+", default=["lean", "generate"],
@@ -326,7 +335,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="'always' runs the kernels at every batch size ('auto' only at batch 1)")
     p.add_argument("--levels-from", metavar="CSV",
                    help="time each method at its own levels: the PPL-p%% levels of a "
-                   "bench.quality.frontier CSV (its methods replace --methods/--sparsities)")
+                   "bench.quality.frontier CSV (they replace --sparsities)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--plot-from", nargs="+", metavar="CSV",
                    help="only draw --plot from earlier CSVs of this benchmark")
@@ -366,9 +375,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench e2e times decoding on a GPU: --device {args.device} with "
                          f"--shape {args.shape} would build a full-size model on the CPU. Run it "
                          "on a CUDA device, or smoke-test on the CPU with --shape tiny-llama.")
+    args.methods_given = args.methods is not None
+    args.methods = args.methods or list(DEFAULT_METHODS)
     if args.levels_from:
         args.method_levels = frontier_levels(args.levels_from)
-        args.methods = list(args.method_levels)
+        chosen = [m for m in args.methods if m in args.method_levels]
+        if args.methods_given and not chosen:
+            raise SystemExit(f"--methods {' '.join(args.methods)}: none is in {args.levels_from}"
+                             f" (it has {', '.join(args.method_levels)})")
+        args.methods = chosen if args.methods_given else list(args.method_levels)
     rows = run(args)
     if args.plot:
         plot(rows, args.plot)
