@@ -170,10 +170,34 @@ def _write_curve(spec: str, curve: Curve, dense: dict, path: str | None) -> None
                         *[round(p[d] / dense[d] - 1, 4) for d in DOMAINS]])
 
 
-def markdown(rows: list[dict]) -> str:
-    """One line per method: PPL-p% level (measured sparsity) and speedup, per domain."""
+def gpu_speeds(paths: list[str]) -> dict[tuple[str, float], dict[str, float]]:
+    """{(method spec, level): {"lean": x, "generate": x, "byte_limit": x}} from
+    ``bench.e2e.run --levels-from`` CSVs at batch 1: the lean loop over the dense lean loop, and
+    the sparse ``model.generate`` over the dense one (the user's view)."""
+    out: dict[tuple[str, float], dict[str, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                if r["method"] == "dense" or int(float(r["batch"])) != 1 \
+                        or r.get("sharing", "per-token") not in ("", "per-token"):
+                    continue
+                key = (_spec(r["method"], r["scope"]), round(float(r["target"]), 4))
+                cell = out.setdefault(key, {"byte_limit": float(r["byte_limit_speedup"])})
+                cell[r["harness"]] = float(r["over_dense_generate"] or r["speedup"]) \
+                    if r["harness"] == "generate" else float(r["speedup"])
+    return out
+
+
+def _spec(method: str, scope: str) -> str:
+    """The frontier's method spec of an e2e row: ``teal:all``, ``teal:mlp``, but ``chess``."""
+    return f"{method}:{scope}" if method in ("teal", "wina") else method
+
+
+def markdown(rows: list[dict], gpu: dict | None = None) -> str:
+    """One line per method: PPL-p% level (measured sparsity) and speedup, per domain; with
+    ``gpu`` (``gpu_speeds``), the GPU's lean-loop and ``model.generate`` speedups too."""
     pcts = sorted({r["percent"] for r in rows})
-    head = "| method | " + " | ".join(f"PPL-{p}% {d}" for d in DOMAINS.values() for p in pcts)
+    head = "| method | " + " | ".join(f"PPL-{p:g}% {d}" for d in DOMAINS.values() for p in pcts)
     lines = [head + " |", "| --- |" + " --- |" * (len(pcts) * len(DOMAINS))]
     for spec in dict.fromkeys(r["method"] for r in rows):
         cells = []
@@ -181,15 +205,22 @@ def markdown(rows: list[dict]) -> str:
             for p in pcts:
                 r = next(x for x in rows if (x["method"], x["domain"], x["percent"]) ==
                          (spec, d, p))
-                cells.append(f"{r['measured']:.2f}, x{r['speedup']:.2f}"
-                             if r["speedup"] != "" else f"{r['measured']:.2f}")
+                cell = f"{r['measured']:.2f}"
+                if r["speedup"] != "":
+                    cell += f", CPU x{r['speedup']:.2f}"
+                g = (gpu or {}).get((spec, round(r["level"], 4)))
+                if g:
+                    cell += "".join(f", {name} x{g[h]:.2f}" for h, name in
+                                    (("lean", "lean"), ("generate", "generate")) if h in g)
+                cells.append(cell)
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(curve_csv: str, rows: list[dict], path: str) -> None:
-    """Perplexity increase against measured sparsity per method and domain (every evaluated
-    level), the PPL-p% levels marked, the byte-limit speedup on a second axis."""
+def plot(curve_csv: str, rows: list[dict], path: str, gpu: dict | None = None) -> None:
+    """Perplexity increase against decode speedup per method and domain: the byte limit at
+    every evaluated level (lines), the CPU's measured speedup at the PPL-p% levels (dots), and
+    with ``gpu`` (``gpu_speeds``) the GPU lean loop's there (squares)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -209,7 +240,13 @@ def plot(curve_csv: str, rows: list[dict], path: str) -> None:
             found = [r for r in rows if r["method"] == spec and r["domain"] == DOMAINS[domain]
                      and r["speedup"] != "" and r["level"] > 0]
             ax.plot([r["speedup"] for r in found], [100 * r["increase"] for r in found], "o",
-                    color=color, label=f"{spec} (measured, PPL-p% levels)")
+                    color=color, label=f"{spec} (CPU, PPL-p% levels)")
+            on_gpu = [(gpu[(spec, round(r["level"], 4))]["lean"], 100 * r["increase"])
+                      for r in rows if r["method"] == spec and r["domain"] == DOMAINS[domain]
+                      and "lean" in (gpu or {}).get((spec, round(r["level"], 4)), {})]
+            if on_gpu:
+                ax.plot(*zip(*on_gpu), "s", color=color, mfc="none",
+                        label=f"{spec} (GPU lean loop, Llama-3-8B shape)")
         ax.set_ylim(-2, YMAX)
         ax.set_xlim(0.95, 2.0)
         for p in pcts:
@@ -220,8 +257,9 @@ def plot(curve_csv: str, rows: list[dict], path: str) -> None:
     axes[0].set_ylabel("perplexity increase over dense, %")
     axes[-1].legend(fontsize=7)
     save_figure(fig, "SmolLM2-135M: perplexity increase against decode speedup (lines: byte "
-                     "limit at every level evaluated; dots: measured on this CPU at the PPL-p% "
-                     "levels, dotted: p)", path)
+                     "limit at every level evaluated; dots: measured on the CPU at the PPL-p% "
+                     "levels" + ("; squares: GPU lean loop at those levels" if gpu else "")
+                     + "; dotted: p)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,15 +281,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-csv", help="every evaluated level (default: beside --csv)")
     p.add_argument("--plot")
     p.add_argument("--replot", action="store_true",
-                   help="only draw --plot from an earlier run's --csv and --curve-csv")
+                   help="only print the table and draw --plot from an earlier run's --csv and "
+                   "--curve-csv")
+    p.add_argument("--gpu", nargs="+", default=[], metavar="CSV",
+                   help="with --replot: bench.e2e.run --levels-from CSVs, whose batch-1 GPU "
+                   "speedups join the table and the plot")
     a = p.parse_args(argv)
+    if a.gpu and not a.replot:
+        p.error("--gpu joins GPU speeds to an earlier run: add --replot (and that run's --csv)")
     if a.curve_csv is None and a.csv:
         a.curve_csv = str(Path(a.csv).with_name(Path(a.csv).stem + "_curve.csv"))
     if a.replot:
         with open(a.csv) as f:
-            rows = [{k: (float(v) if k in ("percent", "level", "increase", "speedup") and v != ""
-                         else v) for k, v in r.items()} for r in csv.DictReader(f)]
-        plot(a.curve_csv, rows, a.plot)
+            rows = [{k: (float(v) if k in ("percent", "level", "measured", "increase",
+                                           "speedup") and v != "" else v)
+                     for k, v in r.items()} for r in csv.DictReader(f)]
+        gpu = gpu_speeds(a.gpu)
+        print(markdown(rows, gpu))
+        if a.plot:
+            plot(a.curve_csv, rows, a.plot, gpu)
         return 0
     if a.curve_csv and Path(a.curve_csv).exists():
         Path(a.curve_csv).unlink()
