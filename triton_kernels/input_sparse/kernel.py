@@ -273,9 +273,6 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
     else:
         tiles = [(16, 256, 8, 3), (16, 256, 8, 6), (32, 128, 4, 3), (32, 128, 4, 6),
                  (16, 128, 4, 6)]
-        # With the next tile in flight, as at batch 1; taller tiles give each tl.dot more rows.
-        tiles += [t + (True,) for t in [(16, 256, 8, 6), (32, 128, 4, 6), (32, 256, 8, 3),
-                                        (64, 128, 4, 3)]]
     out: list[LaunchConfig] = []
     for rows, cols, warps, per_sm, *prefetch in tiles:
         cols = min(cols, max(16, triton.next_power_of_2(N)))
