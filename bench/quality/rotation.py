@@ -1,0 +1,246 @@
+"""Probe: what a PCA rotation of the attention and MLP inputs buys an input criterion (LaRoSA's
+idea), before it becomes a method.
+
+    python -m bench.quality.rotation --sparsities 0.5 0.6 0.69 --csv docs/results/rotation_smollm2.csv
+
+On the built-in SmolLM2-135M, with forward hooks on the dense model (no sparseffn patching):
+every projection's input keeps the entries whose magnitude passes one threshold per layer and
+site (TEAL's criterion over all seven projections), the threshold being the target quantile of
+that magnitude on the calibration text (Austen, dense activations). Variants:
+
+- ``plain``: the magnitudes of the input itself.
+- ``layer``: the attention input (input_layernorm's output, q/k/v's x) and the MLP input
+  (post_attention_layernorm's output, gate/up's x) are first rotated, z = x Q, by the
+  eigenvectors Q [d, d] of that site's uncentred second moment E[x^T x] on the calibration text,
+  one Q per layer and site; the kept entries of z are rotated back, x' = z_kept Q^T. As a
+  method, W Q would be stored for q/k/v/gate/up and only z = x Q computed at run time: one dense
+  d x d product per rotated site and token, counted here in ``read_fraction``.
+- ``layer-mlp`` / ``layer-attn``: only the MLP (or only the attention) input rotated.
+- ``residual``: one Q per layer for both of its inputs, from the second moment of the
+  normalised residual stream (RMSNorm's output without its weight, both norms of the layer
+  pooled). As a method the residual stream would be carried in layer l's basis through layer l
+  (the norm weights folded into q/k/v/gate/up, o/down writing in that basis): one d x d change
+  of basis per layer and token at run time, half the ``layer`` variant's.
+- ``block-mlp``: the MLP input only, rotated by a block-diagonal Q: the eigenvectors of each
+  ``--block`` x ``--block`` diagonal block of the second moment (consecutive channels), so the
+  run-time product costs d x block per token instead of d x d.
+- ``global``: one Q for every layer, from the second moment of the normalised residual stream
+  (RMSNorm's output without its weight) pooled over layers: the rotation that could be folded
+  into the weights exactly (embedding, o/down outputs, q/k/v/gate/up inputs), costing nothing
+  at run time.
+
+o_proj's and down_proj's inputs are never rotated. ``read_fraction`` is the weight bytes a
+decode step reads over the dense model's projection bytes (rotations included), and
+``byte_limit_speedup`` its inverse: compare variants at equal bytes, not at equal sparsity.
+Perplexity on held-out Austen (*Persuasion*, in-domain) and news (another domain).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import nn
+
+import sparseffn
+from sparseffn.data import builtin_texts, token_windows
+from sparseffn.eval.perplexity import perplexity
+from sparseffn.eval.sweep import write_csv
+
+VARIANTS = {"plain": (), "layer": ("attn", "mlp"), "layer-mlp": ("mlp",),
+            "layer-attn": ("attn",), "residual": ("attn", "mlp"), "global": ("attn", "mlp"),
+            "block-mlp": ("mlp",)}
+#: Variants that rotate the normalised residual stream without the norm's weight (which a
+#: method would fold into the weights it feeds), not the weighted norm output.
+UNSCALED = ("residual", "global")
+#: Run-time d x d products per layer and token: one per rotated site, one per layer for the
+#: residual stream's change of basis, none for the one global basis.
+RUNTIME_ROTATIONS = {"plain": 0, "layer": 2, "layer-mlp": 1, "layer-attn": 1, "residual": 1,
+                     "global": 0, "block-mlp": 1}
+SITES = ("attn", "mlp", "o", "down")
+DOMAINS = {"austen": "in-domain", "news": "other domain"}
+
+
+def _modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """The module whose output (attn, mlp: the norms) or input (o, down) each site gates."""
+    return {"attn": layer.input_layernorm, "mlp": layer.post_attention_layernorm,
+            "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+
+
+class Activations:
+    """Dense-model statistics per (layer, site): uncentred second moments of the rotatable
+    sites, with and without the norm's weight (fp64 [d, d]), and every ``stride``-th token's
+    input (float32 [T, width]) for the thresholds."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, stride: int = 4) -> None:
+        self.layers = model.model.layers
+        self.moment: dict[tuple[int, str], torch.Tensor] = {}
+        self.moment_unscaled: dict[tuple[int, str], torch.Tensor] = {}
+        samples: dict[tuple[int, str], list[torch.Tensor]] = {}
+        handles = []
+        for i, layer in enumerate(self.layers):
+            for site, module in _modules(layer).items():
+                if site in ("attn", "mlp"):
+                    handles.append(module.register_forward_hook(self._norm_hook(i, site,
+                                                                                samples, stride)))
+                else:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda mod, args, key=(i, site): samples.setdefault(key, []).append(
+                            args[0].detach().reshape(-1, args[0].shape[-1])[::stride].float())))
+        try:
+            with torch.no_grad():
+                for batch in windows.split(4):
+                    model(input_ids=batch, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.samples = {k: torch.cat(v) for k, v in samples.items()}
+
+    def _norm_hook(self, i: int, site: str, samples: dict, stride: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = out.detach().reshape(-1, out.shape[-1]).double()
+            xu = x / module.weight.detach().double()
+            key = (i, site)
+            self.moment[key] = self.moment.get(key, 0) + x.T @ x
+            self.moment_unscaled[key] = self.moment_unscaled.get(key, 0) + xu.T @ xu
+            samples.setdefault(key, []).append(out.detach().reshape(-1, out.shape[-1])[::stride]
+                                               .float())
+        return hook
+
+    def gamma(self, i: int, site: str) -> torch.Tensor:
+        return _modules(self.layers[i])[site].weight.detach().float()
+
+
+def block_eigenvectors(moment: torch.Tensor, block: int) -> torch.Tensor:
+    """Block-diagonal orthogonal Q [d, d]: each diagonal block of ``moment`` [d, d] rotated to
+    its own eigenvectors (the last block may be smaller)."""
+    q = torch.zeros_like(moment)
+    for a in range(0, moment.shape[0], block):
+        b = min(moment.shape[0], a + block)
+        q[a:b, a:b] = torch.linalg.eigh(moment[a:b, a:b])[1]
+    return q
+
+
+def rotations(acts: Activations, variant: str, block: int = 64
+              ) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, site): Q [d, d] float32} for the sites the variant rotates."""
+    sites = VARIANTS[variant]
+    n = len(acts.layers)
+    if variant == "block-mlp":
+        return {(i, s): block_eigenvectors(acts.moment[(i, s)], block).float()
+                for i in range(n) for s in sites}
+    if variant == "global":
+        pooled = sum(acts.moment_unscaled.values())
+        q = torch.linalg.eigh(pooled)[1].float()
+        return {(i, s): q for i in range(n) for s in sites}
+    if variant == "residual":
+        per_layer = [torch.linalg.eigh(acts.moment_unscaled[(i, "attn")]
+                                       + acts.moment_unscaled[(i, "mlp")])[1].float()
+                     for i in range(n)]
+        return {(i, s): per_layer[i] for i in range(n) for s in sites}
+    return {(i, s): torch.linalg.eigh(acts.moment[(i, s)])[1].float()
+            for i in range(len(acts.layers)) for s in sites}
+
+
+def _basis(x: torch.Tensor, q: torch.Tensor | None, gamma: torch.Tensor, unscaled: bool
+           ) -> torch.Tensor:
+    if q is None:
+        return x
+    return (x / gamma if unscaled else x) @ q
+
+
+def install(model: nn.Module, acts: Activations, qs: dict, variant: str, sparsity: float
+            ) -> list:
+    """Hooks that sparsify every site at ``sparsity`` (thresholds from the calibration samples
+    in the site's basis); returns their handles."""
+    unscaled = variant in UNSCALED
+    handles = []
+    for i, layer in enumerate(acts.layers):
+        for site, module in _modules(layer).items():
+            q = qs.get((i, site))
+            g = acts.gamma(i, site) if site in ("attn", "mlp") else None
+            z = _basis(acts.samples[(i, site)], q, g, unscaled).abs().flatten()
+            thr = torch.quantile(z[:: max(1, z.numel() // 4_000_000)], sparsity)
+            if site in ("attn", "mlp"):
+                def hook(mod, args, out, q=q, g=g, thr=thr):
+                    zz = _basis(out, q, g, unscaled)
+                    zz = torch.where(zz.abs() > thr, zz, 0)
+                    if q is None:
+                        return zz
+                    back = zz @ q.T
+                    return back * g if unscaled else back
+                handles.append(module.register_forward_hook(hook))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    lambda mod, args, thr=thr: (torch.where(args[0].abs() > thr, args[0], 0),)))
+    return handles
+
+
+def read_fraction(model: nn.Module, variant: str, sparsity: float, block: int = 64) -> float:
+    """Weight bytes read per decode step over the dense projections' (rotations included)."""
+    dense = rot = 0
+    for layer in model.model.layers:
+        dense += sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        d = layer.input_layernorm.weight.numel()
+        rot += d * (min(block, d) if variant == "block-mlp" else d) * RUNTIME_ROTATIONS[variant]
+    return ((1 - sparsity) * dense + rot) / dense
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    model, tok = sparseffn.load_builtin_model()
+    calib = token_windows(tok, builtin_texts("austen", "calibration"), a.calib_tokens,
+                          a.seq_len, purpose="calibration")
+    evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
+                              purpose="evaluation")[:a.windows] for d in DOMAINS}
+    dense = {d: perplexity(model, w) for d, w in evals.items()}
+    print(f"dense perplexity {dense}", flush=True)
+    acts = Activations(model, calib)
+    rows = []
+    for variant in a.variants:
+        qs = rotations(acts, variant, a.block)
+        for s in a.sparsities:
+            t0 = time.time()
+            handles = install(model, acts, qs, variant, s)
+            try:
+                ppl = {d: perplexity(model, w) for d, w in evals.items()}
+            finally:
+                for h in handles:
+                    h.remove()
+            frac = read_fraction(model, variant, s, a.block)
+            row = {"variant": variant, "block": a.block if variant == "block-mlp" else "",
+                   "sparsity": s, "read_fraction": round(frac, 4),
+                   "byte_limit_speedup": round(1 / frac, 3)}
+            for d, name in DOMAINS.items():
+                row[f"ppl_{d}"] = round(ppl[d], 3)
+                row[f"increase_{d}"] = round(ppl[d] / dense[d] - 1, 4)
+            rows.append(row)
+            print(f"{variant:<10} s={s:.2f} reads {frac:.3f} (x{1 / frac:.2f}): "
+                  + ", ".join(f"{DOMAINS[d]} {ppl[d]:.2f} (+{100 * (ppl[d] / dense[d] - 1):.1f}%)"
+                              for d in DOMAINS) + f"  [{time.time() - t0:.0f} s]", flush=True)
+            if a.csv:
+                write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
+                                        "calib_tokens": str(a.calib_tokens),
+                                        "windows": str(a.windows)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.quality.rotation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
+    p.add_argument("--block", type=int, default=64, help="block size of block-mlp")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--csv")
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
