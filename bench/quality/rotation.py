@@ -1,11 +1,13 @@
 """Probe: what a PCA rotation of the attention and MLP inputs buys an input criterion (LaRoSA's
 idea), before it becomes a method.
 
-    python -m bench.quality.rotation --sparsities 0.5 0.6 0.69 --csv docs/results/rotation_smollm2.csv
+    python -m bench.quality.rotation --variants plain block-mlp --sparsities 0.4 0.5 \
+        --csv rotation.csv
 
 On the built-in SmolLM2-135M, with forward hooks on the dense model (no sparseffn patching):
 every projection's input keeps the entries whose magnitude passes one threshold per layer and
-site (TEAL's criterion over all seven projections), the threshold being the target quantile of
+site (TEAL's criterion over all seven projections, or with ``--scope mlp`` over gate/up and
+down only), the threshold being the target quantile of
 that magnitude on the calibration text (Austen, dense activations). Variants:
 
 - ``plain``: the magnitudes of the input itself.
@@ -24,6 +26,9 @@ that magnitude on the calibration text (Austen, dense activations). Variants:
 - ``block-mlp``: the MLP input only, rotated by a block-diagonal Q: the eigenvectors of each
   ``--block`` x ``--block`` diagonal block of the second moment (consecutive channels), so the
   run-time product costs d x block per token instead of d x d.
+- ``block-mlp-down``: as ``block-mlp``, and down_proj's input (the intermediate activations)
+  rotated the same way (blocks of its second moment over the sampled calibration tokens), at
+  intermediate x block more per token.
 - ``global``: one Q for every layer, from the second moment of the normalised residual stream
   (RMSNorm's output without its weight) pooled over layers: the rotation that could be folded
   into the weights exactly (embedding, o/down outputs, q/k/v/gate/up inputs), costing nothing
@@ -50,14 +55,15 @@ from sparseffn.eval.sweep import write_csv
 
 VARIANTS = {"plain": (), "layer": ("attn", "mlp"), "layer-mlp": ("mlp",),
             "layer-attn": ("attn",), "residual": ("attn", "mlp"), "global": ("attn", "mlp"),
-            "block-mlp": ("mlp",)}
+            "block-mlp": ("mlp",), "block-mlp-down": ("mlp", "down")}
 #: Variants that rotate the normalised residual stream without the norm's weight (which a
 #: method would fold into the weights it feeds), not the weighted norm output.
 UNSCALED = ("residual", "global")
 #: Run-time d x d products per layer and token: one per rotated site, one per layer for the
 #: residual stream's change of basis, none for the one global basis.
 RUNTIME_ROTATIONS = {"plain": 0, "layer": 2, "layer-mlp": 1, "layer-attn": 1, "residual": 1,
-                     "global": 0, "block-mlp": 1}
+                     "global": 0, "block-mlp": 1, "block-mlp-down": 1}
+BLOCK_VARIANTS = ("block-mlp", "block-mlp-down")
 SITES = ("attn", "mlp", "o", "down")
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
@@ -127,9 +133,14 @@ def rotations(acts: Activations, variant: str, block: int = 64
     """{(layer, site): Q [d, d] float32} for the sites the variant rotates."""
     sites = VARIANTS[variant]
     n = len(acts.layers)
-    if variant == "block-mlp":
-        return {(i, s): block_eigenvectors(acts.moment[(i, s)], block).float()
-                for i in range(n) for s in sites}
+    if variant in BLOCK_VARIANTS:
+        out = {(i, "mlp"): block_eigenvectors(acts.moment[(i, "mlp")], block).float()
+               for i in range(n)}
+        if "down" in sites:
+            for i in range(n):
+                x = acts.samples[(i, "down")].double()
+                out[(i, "down")] = block_eigenvectors(x.T @ x, block).float()
+        return out
     if variant == "global":
         pooled = sum(acts.moment_unscaled.values())
         q = torch.linalg.eigh(pooled)[1].float()
@@ -150,14 +161,17 @@ def _basis(x: torch.Tensor, q: torch.Tensor | None, gamma: torch.Tensor, unscale
     return (x / gamma if unscaled else x) @ q
 
 
-def install(model: nn.Module, acts: Activations, qs: dict, variant: str, sparsity: float
-            ) -> list:
-    """Hooks that sparsify every site at ``sparsity`` (thresholds from the calibration samples
-    in the site's basis); returns their handles."""
+def install(model: nn.Module, acts: Activations, qs: dict, variant: str, sparsity: float,
+            scope: str = "all") -> list:
+    """Hooks that sparsify every site of ``scope`` (all: the inputs of all seven projections;
+    mlp: gate/up's and down's) at ``sparsity``, thresholds from the calibration samples in the
+    site's basis; returns their handles."""
     unscaled = variant in UNSCALED
     handles = []
     for i, layer in enumerate(acts.layers):
         for site, module in _modules(layer).items():
+            if scope == "mlp" and site not in ("mlp", "down"):
+                continue
             q = qs.get((i, site))
             g = acts.gamma(i, site) if site in ("attn", "mlp") else None
             z = _basis(acts.samples[(i, site)], q, g, unscaled).abs().flatten()
@@ -172,19 +186,33 @@ def install(model: nn.Module, acts: Activations, qs: dict, variant: str, sparsit
                     return back * g if unscaled else back
                 handles.append(module.register_forward_hook(hook))
             else:
-                handles.append(module.register_forward_pre_hook(
-                    lambda mod, args, thr=thr: (torch.where(args[0].abs() > thr, args[0], 0),)))
+                def pre_hook(mod, args, q=q, thr=thr):
+                    zz = args[0] if q is None else args[0] @ q
+                    zz = torch.where(zz.abs() > thr, zz, 0)
+                    return (zz if q is None else zz @ q.T,)
+                handles.append(module.register_forward_pre_hook(pre_hook))
     return handles
 
 
-def read_fraction(model: nn.Module, variant: str, sparsity: float, block: int = 64) -> float:
-    """Weight bytes read per decode step over the dense projections' (rotations included)."""
-    dense = rot = 0
+def read_fraction(model: nn.Module, variant: str, sparsity: float, block: int = 64,
+                  scope: str = "all") -> float:
+    """Weight bytes read per decode step over the dense projections' (rotations included);
+    with scope mlp the attention projections are read whole."""
+    dense = read = 0
     for layer in model.model.layers:
-        dense += sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear):
+                dense += m.weight.numel()
+                gated = scope == "all" or name.startswith("mlp.")
+                read += (1 - sparsity) * m.weight.numel() if gated else m.weight.numel()
         d = layer.input_layernorm.weight.numel()
-        rot += d * (min(block, d) if variant == "block-mlp" else d) * RUNTIME_ROTATIONS[variant]
-    return ((1 - sparsity) * dense + rot) / dense
+        inter = layer.mlp.down_proj.in_features
+        if variant in BLOCK_VARIANTS:
+            read += d * min(block, d) + (inter * min(block, inter)
+                                         if variant == "block-mlp-down" else 0)
+        else:
+            read += d * d * RUNTIME_ROTATIONS[variant]
+    return read / dense
 
 
 def run(a: argparse.Namespace) -> list[dict]:
@@ -203,14 +231,15 @@ def run(a: argparse.Namespace) -> list[dict]:
         qs = rotations(acts, variant, a.block)
         for s in a.sparsities:
             t0 = time.time()
-            handles = install(model, acts, qs, variant, s)
+            handles = install(model, acts, qs, variant, s, a.scope)
             try:
                 ppl = {d: perplexity(model, w) for d, w in evals.items()}
             finally:
                 for h in handles:
                     h.remove()
-            frac = read_fraction(model, variant, s, a.block)
-            row = {"variant": variant, "block": a.block if variant == "block-mlp" else "",
+            frac = read_fraction(model, variant, s, a.block, a.scope)
+            row = {"variant": variant, "scope": a.scope,
+                   "block": a.block if variant in BLOCK_VARIANTS else "",
                    "sparsity": s, "read_fraction": round(frac, 4),
                    "byte_limit_speedup": round(1 / frac, 3)}
             for d, name in DOMAINS.items():
@@ -232,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
-    p.add_argument("--block", type=int, default=64, help="block size of block-mlp")
+    p.add_argument("--block", type=int, default=64, help="block size of the block variants")
+    p.add_argument("--scope", default="all", choices=["all", "mlp"],
+                   help="all seven projections' inputs, or gate/up's and down's only")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
     p.add_argument("--seq-len", type=int, default=256)
