@@ -171,9 +171,10 @@ def _write_curve(spec: str, curve: Curve, dense: dict, path: str | None) -> None
 
 
 def gpu_speeds(paths: list[str]) -> dict[tuple[str, float], dict[str, float]]:
-    """{(method spec, level): {"lean": x, "generate": x, "byte_limit": x}} from
-    ``bench.e2e.run --levels-from`` CSVs at batch 1: the lean loop over the dense lean loop, and
-    the sparse ``model.generate`` over the dense one (the user's view)."""
+    """{(method spec, level): {"lean": x, "generate": x}} from ``bench.e2e.run --levels-from``
+    CSVs at batch 1: each harness's speedup over dense in the same harness, i.e. the lean loop
+    over the dense lean loop, and the sparse ``model.generate`` over the dense one (the user's
+    view)."""
     out: dict[tuple[str, float], dict[str, float]] = {}
     for path in paths:
         with open(path) as f:
@@ -182,9 +183,7 @@ def gpu_speeds(paths: list[str]) -> dict[tuple[str, float], dict[str, float]]:
                         or r.get("sharing", "per-token") not in ("", "per-token"):
                     continue
                 key = (_spec(r["method"], r["scope"]), round(float(r["target"]), 4))
-                cell = out.setdefault(key, {"byte_limit": float(r["byte_limit_speedup"])})
-                cell[r["harness"]] = float(r["over_dense_generate"] or r["speedup"]) \
-                    if r["harness"] == "generate" else float(r["speedup"])
+                out.setdefault(key, {})[r["harness"]] = float(r["speedup"])
     return out
 
 
