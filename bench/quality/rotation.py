@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv")
-    run(p.parse_args(argv))
+    a = p.parse_args(argv)
+    if a.scope == "mlp" and any("attn" in VARIANTS[v] for v in a.variants):
+        p.error(f"--scope mlp leaves the attention input dense: the variants "
+                f"{[v for v in a.variants if 'attn' in VARIANTS[v]]} rotate it; drop them")
+    run(a)
     return 0
 
 

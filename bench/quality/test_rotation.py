@@ -81,3 +81,9 @@ def test_block_eigenvectors_are_block_diagonal():
         outside[a:a + 32, a:a + 32] = False
     assert q[outside].abs().max() == 0
     assert torch.allclose(q.T @ q, torch.eye(70, dtype=torch.float64), atol=1e-10)
+
+
+def test_mlp_scope_refuses_attention_rotations(capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--scope", "mlp", "--variants", "plain", "layer"])
+    assert "layer" in capsys.readouterr().err
