@@ -29,6 +29,8 @@ that magnitude on the calibration text (Austen, dense activations). Variants:
 - ``block-mlp-down``: as ``block-mlp``, and down_proj's input (the intermediate activations)
   rotated the same way (blocks of its second moment over the sampled calibration tokens), at
   intermediate x block more per token.
+- ``random-mlp``: the control for ``block-mlp``: random orthogonal blocks (seeded), which mix
+  channels as much without concentrating their energy.
 - ``global``: one Q for every layer, from the second moment of the normalised residual stream
   (RMSNorm's output without its weight) pooled over layers: the rotation that could be folded
   into the weights exactly (embedding, o/down outputs, q/k/v/gate/up inputs), costing nothing
@@ -55,15 +57,15 @@ from sparseffn.eval.sweep import write_csv
 
 VARIANTS = {"plain": (), "layer": ("attn", "mlp"), "layer-mlp": ("mlp",),
             "layer-attn": ("attn",), "residual": ("attn", "mlp"), "global": ("attn", "mlp"),
-            "block-mlp": ("mlp",), "block-mlp-down": ("mlp", "down")}
+            "block-mlp": ("mlp",), "block-mlp-down": ("mlp", "down"), "random-mlp": ("mlp",)}
 #: Variants that rotate the normalised residual stream without the norm's weight (which a
 #: method would fold into the weights it feeds), not the weighted norm output.
 UNSCALED = ("residual", "global")
 #: Run-time d x d products per layer and token: one per rotated site, one per layer for the
 #: residual stream's change of basis, none for the one global basis.
 RUNTIME_ROTATIONS = {"plain": 0, "layer": 2, "layer-mlp": 1, "layer-attn": 1, "residual": 1,
-                     "global": 0, "block-mlp": 1, "block-mlp-down": 1}
-BLOCK_VARIANTS = ("block-mlp", "block-mlp-down")
+                     "global": 0, "block-mlp": 1, "block-mlp-down": 1, "random-mlp": 1}
+BLOCK_VARIANTS = ("block-mlp", "block-mlp-down", "random-mlp")
 SITES = ("attn", "mlp", "o", "down")
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
@@ -133,6 +135,18 @@ def rotations(acts: Activations, variant: str, block: int = 64
     """{(layer, site): Q [d, d] float32} for the sites the variant rotates."""
     sites = VARIANTS[variant]
     n = len(acts.layers)
+    if variant == "random-mlp":
+        gen = torch.Generator().manual_seed(0)
+        d = acts.moment[(0, "mlp")].shape[0]
+        out = {}
+        for i in range(n):
+            q = torch.zeros(d, d, dtype=torch.float64)
+            for a in range(0, d, block):
+                b = min(d, a + block)
+                q[a:b, a:b] = torch.linalg.qr(torch.randn(b - a, b - a, generator=gen,
+                                                          dtype=torch.float64))[0]
+            out[(i, "mlp")] = q.float()
+        return out
     if variant in BLOCK_VARIANTS:
         out = {(i, "mlp"): block_eigenvectors(acts.moment[(i, "mlp")], block).float()
                for i in range(n)}

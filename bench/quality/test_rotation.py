@@ -17,7 +17,7 @@ def probe():
     return model, R.Activations(model, ids, stride=1), ids
 
 
-@pytest.mark.parametrize("variant", ["layer", "residual", "global", "block-mlp"])
+@pytest.mark.parametrize("variant", ["layer", "residual", "global", "block-mlp", "random-mlp"])
 def test_bases_are_orthogonal(probe, variant):
     _, acts, _ = probe
     for q in R.rotations(acts, variant).values():
