@@ -25,6 +25,7 @@ from calibrate.observe import LayerObserver, run_observed
 from sparseffn.config import SparsityConfig
 from sparseffn.data import token_windows
 from sparseffn.errors import CalibrationError
+from sparseffn.eval.perplexity import perplexity
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 window_bos)
 from sparseffn.methods import FitContext, Method, get_method
@@ -154,14 +155,9 @@ def greedy_sparsities(model: nn.Module, spec: FamilySpec, method: Method,
 PROBE_STEP = 0.2
 
 
-@torch.no_grad()
 def _loss(model: nn.Module, windows: torch.Tensor) -> float:
     """Mean next-token loss of ``model`` on ``windows`` [N, L]."""
-    device = model.get_input_embeddings().weight.device
-    ids = windows.to(device)
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             ids[:, 1:].reshape(-1)))
+    return math.log(perplexity(model, windows))
 
 
 @torch.no_grad()

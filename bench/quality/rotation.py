@@ -64,9 +64,9 @@ UNSCALED = ("residual", "global")
 #: Run-time d x d products per layer and token: one per rotated site, one per layer for the
 #: residual stream's change of basis, none for the one global basis.
 RUNTIME_ROTATIONS = {"plain": 0, "layer": 2, "layer-mlp": 1, "layer-attn": 1, "residual": 1,
-                     "global": 0, "block-mlp": 1, "block-mlp-down": 1, "random-mlp": 1}
+                     "global": 0}
+#: Block-diagonal variants: each rotated site costs width x block per token instead.
 BLOCK_VARIANTS = ("block-mlp", "block-mlp-down", "random-mlp")
-SITES = ("attn", "mlp", "o", "down")
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
 
@@ -120,14 +120,21 @@ class Activations:
         return _modules(self.layers[i])[site].weight.detach().float()
 
 
+def _block_diagonal(d: int, block: int, make) -> torch.Tensor:
+    """fp64 [d, d] with ``make(a, b)`` [b - a, b - a] as its diagonal block over channels
+    [a, b) (the last block may be smaller)."""
+    q = torch.zeros(d, d, dtype=torch.float64)
+    for a in range(0, d, block):
+        b = min(d, a + block)
+        q[a:b, a:b] = make(a, b)
+    return q
+
+
 def block_eigenvectors(moment: torch.Tensor, block: int) -> torch.Tensor:
     """Block-diagonal orthogonal Q [d, d]: each diagonal block of ``moment`` [d, d] rotated to
-    its own eigenvectors (the last block may be smaller)."""
-    q = torch.zeros_like(moment)
-    for a in range(0, moment.shape[0], block):
-        b = min(moment.shape[0], a + block)
-        q[a:b, a:b] = torch.linalg.eigh(moment[a:b, a:b])[1]
-    return q
+    its own eigenvectors."""
+    return _block_diagonal(moment.shape[0], block,
+                           lambda a, b: torch.linalg.eigh(moment[a:b, a:b].double())[1])
 
 
 def rotations(acts: Activations, variant: str, block: int = 64
@@ -138,15 +145,9 @@ def rotations(acts: Activations, variant: str, block: int = 64
     if variant == "random-mlp":
         gen = torch.Generator().manual_seed(0)
         d = acts.moment[(0, "mlp")].shape[0]
-        out = {}
-        for i in range(n):
-            q = torch.zeros(d, d, dtype=torch.float64)
-            for a in range(0, d, block):
-                b = min(d, a + block)
-                q[a:b, a:b] = torch.linalg.qr(torch.randn(b - a, b - a, generator=gen,
-                                                          dtype=torch.float64))[0]
-            out[(i, "mlp")] = q.float()
-        return out
+        return {(i, "mlp"): _block_diagonal(d, block, lambda a, b: torch.linalg.qr(
+            torch.randn(b - a, b - a, generator=gen, dtype=torch.float64))[0]).float()
+            for i in range(n)}
     if variant in BLOCK_VARIANTS:
         out = {(i, "mlp"): block_eigenvectors(acts.moment[(i, "mlp")], block).float()
                for i in range(n)}
