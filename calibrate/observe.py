@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from calibrate.errors import CalibrationError
 from calibrate.histogram import CHANNEL_BINS, POOLED_BINS, new_histogram, update_histogram
+from calibrate.rotation import block_moment
 
-#: Statistic kinds: a pooled histogram of magnitudes, one histogram per channel, or the mean
-#: magnitude per channel.
-STAT_KINDS = ("hist", "hist_channel", "mean_channel")
+#: Statistic kinds: a pooled histogram of magnitudes, one histogram per channel, the mean
+#: magnitude per channel, or the second moment of each block of consecutive channels
+#: (``calibrate.rotation``; of the signal itself, not its magnitude).
+STAT_KINDS = ("hist", "hist_channel", "mean_channel", "block_moment")
 
 
 @dataclass(frozen=True)
@@ -35,17 +37,22 @@ class StatSpec:
         kind: one of ``STAT_KINDS``.
         scale_by: a weight whose column norms multiply the signal first (WINA); the caller
             passes the norms to ``LayerObserver`` under this spec's key.
+        block: channels per block of a ``block_moment``.
     """
 
     key: str
     signal: str
     kind: str
     scale_by: str | None = None
+    block: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in STAT_KINDS:
             raise ValueError(f"StatSpec {self.key!r}: kind must be one of {STAT_KINDS}, "
                              f"got {self.kind!r}")
+        if (self.kind == "block_moment") != (self.block > 0):
+            raise ValueError(f"StatSpec {self.key!r}: a block size goes with kind "
+                             f"'block_moment' and only with it (got block={self.block})")
 
     @property
     def bins(self) -> int:
@@ -79,7 +86,7 @@ class LayerObserver:
         self.scales = scales
         self.stats: dict[str, torch.Tensor] = {}
         self.counts = {s.key: torch.zeros((), dtype=torch.float64, device=device)
-                       for s in specs if s.kind == "mean_channel"}
+                       for s in specs if s.kind in ("mean_channel", "block_moment")}
         self.signals = {s.signal for s in specs}
         self.nan = torch.zeros((), dtype=torch.bool, device=device)
 
@@ -87,11 +94,20 @@ class LayerObserver:
         """Add one signal [..., C] to every statistic that reads it (others are ignored)."""
         if signal not in self.signals:
             return
-        value = value.detach().reshape(-1, value.shape[-1]).abs()
+        value = value.detach().reshape(-1, value.shape[-1])
+        for s in self.specs:
+            if s.signal == signal and s.kind == "block_moment":
+                if value.shape[-1] % s.block:
+                    raise CalibrationError(f"statistic {s.key!r}: blocks of {s.block} do not "
+                                           f"tile {value.shape[-1]} channels")
+                total = block_moment(value, s.block)
+                self.stats[s.key] = self.stats[s.key] + total if s.key in self.stats else total
+                self.counts[s.key] += value.shape[0]
+        value = value.abs()
         # A NaN or inf anywhere makes the sum non-finite; far cheaper than isfinite().all().
         self.nan |= ~torch.isfinite(value.sum(dtype=torch.float32))
         for s in self.specs:
-            if s.signal != signal:
+            if s.signal != signal or s.kind == "block_moment":
                 continue
             if s.kind == "mean_channel":
                 total = value.double().sum(0)

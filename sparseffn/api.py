@@ -25,10 +25,12 @@ def _is_artifact(calibration: Any) -> bool:
 
 
 def _config(config: SparsityConfig | None, method: str | None, sparsity: float | None,
-            scope: str | None, allocation: str | None) -> SparsityConfig:
+            scope: str | None, allocation: str | None,
+            rotation: int | None = None) -> SparsityConfig:
     """The config ``sparsify`` fits: ``config`` or one built from the keywords, never both."""
     given = {k: v for k, v in (("method", method), ("sparsity", sparsity), ("scope", scope),
-                               ("allocation", allocation)) if v is not None}
+                               ("allocation", allocation), ("rotation", rotation))
+             if v is not None}
     if config is not None:
         if given:
             raise SparseFFNError(
@@ -38,7 +40,8 @@ def _config(config: SparsityConfig | None, method: str | None, sparsity: float |
         return config
     return SparsityConfig(method=method or DEFAULT_METHOD,
                           sparsity=0.5 if sparsity is None else sparsity,
-                          scope=scope or "mlp", allocation=allocation or "uniform")
+                          scope=scope or "mlp", allocation=allocation or "uniform",
+                          rotation=rotation or 0)
 
 
 def _own_tokenizer(model: nn.Module) -> Any:
@@ -56,7 +59,8 @@ def _own_tokenizer(model: nn.Module) -> Any:
 
 def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None = None,
              calibration: Any = None, *, tokenizer: Any = None, scope: str | None = None,
-             allocation: str | None = None, config: SparsityConfig | None = None,
+             allocation: str | None = None, rotation: int | None = None,
+             config: SparsityConfig | None = None,
              n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
              strict: bool = True, progress: bool = True,
              kernel_mode: KernelMode | str = KernelMode.AUTO,
@@ -80,8 +84,11 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
         scope: "mlp" (default) or "all" (attention projections too; input methods only).
         allocation: "uniform" (default), "greedy" (input methods only: within each layer) or
             "layers" (across layers, against each layer's measured sensitivity).
-        config: a full SparsityConfig instead of method/sparsity/scope/allocation (passing
-            both is an error).
+        rotation: 0 (default) or a block size such as 64 or 128: input methods (teal, wina)
+            test the MLP input in a block-rotated basis fitted on the calibration text
+            (``SparsityConfig.rotation``).
+        config: a full SparsityConfig instead of method/sparsity/scope/allocation/rotation
+            (passing both is an error).
         n_tokens, seq_len, batch_size: how much calibration text to observe, and in what windows.
         strict: check that a saved calibration's weights match this model, not only its shape.
         kernel_mode: ``KernelMode`` or its value: "auto" (decode steps at batch 1 run the
@@ -109,7 +116,7 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
         if sparsity is not None and sparsity != fitted.config.sparsity:
             fitted = refit(fitted, check_sparsity(sparsity), spec)
     else:
-        config = _config(config, method, sparsity, scope, allocation)
+        config = _config(config, method, sparsity, scope, allocation, rotation)
         texts: list[str] | torch.Tensor = []
         if isinstance(calibration, torch.Tensor):
             texts = calibration

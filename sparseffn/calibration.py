@@ -21,7 +21,8 @@ from calibrate.allocate import LAYER_ALPHAS, MAX_SITE_SPARSITY, greedy_levels, l
 from calibrate.artifact import Calibration, model_fingerprint
 from calibrate.fit import (as_windows, check_token_count, fit_thresholds, layer_entries,
                            site_key, split_key, uniform_sparsities)
-from calibrate.observe import LayerObserver, run_observed
+from calibrate.observe import LayerObserver, StatSpec, run_observed
+from calibrate.rotation import fit_block_rotation
 from sparseffn.config import SparsityConfig
 from sparseffn.data import token_windows
 from sparseffn.errors import CalibrationError
@@ -29,8 +30,8 @@ from sparseffn.eval.perplexity import perplexity
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 window_bos)
 from sparseffn.methods import FitContext, Method, get_method
-from sparseffn.modules import SparseGatedMLP, SparseLinear
-from sparseffn.patching import install, remove, site_module, sparse_modules, update_thresholds
+from sparseffn.modules import ROTATION_EXTRA, SparseGatedMLP, SparseLinear
+from sparseffn.patching import install, is_sparsified, remove, site_module, sparse_modules, update_thresholds
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -73,11 +74,17 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
         device = base_mlp.down_proj.weight.device
         scales = {}
         for s in specs:
-            if s.scale_by is not None:  # WINA: column norms of the projection's weight
+            if s.scale_by is None:
+                continue
+            # WINA: column norms of the projection's weight, in the basis its input is tested
+            # in (W Q under a rotation of the MLP input).
+            if isinstance(mlp, SparseGatedMLP) and s.scale_by in (*spec.mlp_in, "down_proj"):
+                weight = mlp.input_weight(s.scale_by)
+            else:
                 owner = base_mlp if s.scale_by in (*spec.mlp_in, "down_proj") \
                     else layer_attn(layer)
-                scales[s.key] = _weight(owner, s.scale_by).detach().float().norm(dim=0)\
-                    .to(device)
+                weight = _weight(owner, s.scale_by)
+            scales[s.key] = weight.detach().float().norm(dim=0).to(device)
         observers.append(LayerObserver(i, specs, scales, device))
     run_observed(model, [(m, observers[i].report) for i, m in sparse_modules(model)], windows,
                  batch_size, progress, desc)
@@ -85,6 +92,32 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
     for obs in observers:
         stats.update(obs.finish())
     return stats
+
+
+def rotation_extras(model: nn.Module, block: int, windows: torch.Tensor, batch_size: int = 4,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Block rotations of every layer's MLP input (``calibrate.rotation``), fitted on the
+    activations the patched ``model`` shows for ``windows`` [N, L]:
+    ``{"layers.{i}.rotation.mlp_in": float32 [H // block, block, block]}``."""
+    spec = StatSpec("moment.mlp_in", "mlp_in", "block_moment", block=block)
+    mlps = [(i, m) for i, m in sparse_modules(model) if isinstance(m, SparseGatedMLP)]
+    observers = {i: LayerObserver(i, (spec,), {}, m.zero.device) for i, m in mlps}
+    run_observed(model, [(m, observers[i].report) for i, m in mlps], windows, batch_size,
+                 progress, desc="calibrating (rotation pass)")
+    out = {}
+    for i, obs in observers.items():
+        moment = obs.finish()[f"layers.{i}.{spec.key}"]
+        out[f"layers.{i}.{ROTATION_EXTRA}"] = fit_block_rotation(moment)
+    return out
+
+
+def check_rotation(model: nn.Module, block: int) -> None:
+    """Refuse a rotation block that does not tile the model's hidden size."""
+    hidden = layer_mlp(decoder_layers(model)[0]).down_proj.weight.shape[0]
+    if hidden % block:
+        divisors = [b for b in (32, 64, 128, 256) if hidden % b == 0]
+        raise CalibrationError(f"rotation={block} does not divide this model's hidden size "
+                               f"{hidden}; choose a block size that does, such as {divisors}")
 
 
 def _layer_output(layer: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
@@ -259,17 +292,26 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
                                f"{int(windows.max())}], outside the model's vocabulary of "
                                f"{vocab}: tokenize with this model's tokenizer")
     scaffold = _scaffold(model, config, sparsities)
+    if config.rotation:
+        check_rotation(model, config.rotation)
     was_training = model.training
     model.eval()
-    install(model, scaffold, kernel_mode="never", calibrating=True)
+    # A rotation is fitted on a dense pass first; the thresholds are then observed in its basis.
+    install(model, replace(scaffold, config=replace(config, rotation=0)) if config.rotation
+            else scaffold, kernel_mode="never", calibrating=True)
     try:
+        if config.rotation:
+            extras = rotation_extras(model, config.rotation, windows, batch_size, progress)
+            remove(model)
+            scaffold = replace(scaffold, extras=extras)
+            install(model, scaffold, kernel_mode="never", calibrating=True)
         ctx = FitContext(model, _mlps(model), windows, sparsities, config, batch_size, progress)
         trained = method.train(ctx)
         if trained is not None:
             stats, extras, metrics = trained
             return Calibration(config, scaffold.fingerprint, sparsities,
                                fit_thresholds(method.fit, stats, sparsities), stats,
-                               {**meta, **metrics}, extras)
+                               {**meta, **metrics}, {**scaffold.extras, **extras})
         stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
                                    progress, desc="calibrating (dense pass)")
         if config.allocation == "greedy":
@@ -285,10 +327,12 @@ def calibrate_model(model: nn.Module, tokenizer: Any, texts: list[str] | torch.T
             stats = collect_statistics(model, spec, method, config.scope, windows, batch_size,
                                        progress, desc=f"calibrating (refinement {k + 1})")
     finally:
-        remove(model)
+        if is_sparsified(model):  # (a failed re-install leaves nothing to remove)
+            remove(model)
         model.train(was_training)
     return Calibration(config, scaffold.fingerprint, sparsities,
-                       fit_thresholds(method.fit, stats, sparsities), stats, meta)
+                       fit_thresholds(method.fit, stats, sparsities), stats, meta,
+                       scaffold.extras)
 
 
 def _mlps(model: nn.Module) -> list[tuple[int, nn.Module, torch.Tensor]]:

@@ -90,7 +90,8 @@ def _check_out_folder(out: str, overwrite: bool) -> None:
 
 
 def _configs(specs: Sequence[str], levels: Sequence[float], flag: str) -> None:
-    """Validate every ``method[:scope[:allocation]]`` spec at every level before any work."""
+    """Validate every ``method[:scope[:allocation]][:option=value]`` spec at every level before
+    any work."""
     from sparseffn.config import SparsityConfig
     from sparseffn.errors import SparseFFNError
     from sparseffn.eval.sweep import parse_method
@@ -108,7 +109,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     config = sparseffn.SparsityConfig(method=args.method, sparsity=args.sparsity,
                                       scope=args.scope, allocation=args.allocation,
                                       predictor_rank=args.predictor_rank,
-                                      predictor_epochs=args.predictor_epochs)
+                                      predictor_epochs=args.predictor_epochs,
+                                      rotation=args.rotation)
     _check_out_folder(args.out, args.overwrite)
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank of the predictor method's networks (0: hidden / 16 in [64, 1024])")
     p.add_argument("--predictor-epochs", type=int, default=4,
                    help="passes over the calibration text that train the predictors")
+    p.add_argument("--rotation", type=int, default=0,
+                   help="teal/wina: test the MLP input in a basis rotated by blocks of this "
+                        "many channels, fitted on the calibration text (0: none; 64 or 128)")
     p.add_argument("--out", required=True, help="folder for the calibration artifact")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -322,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     _calib_args(p)
     p.add_argument("--methods", nargs="+",
                    default=default_sweep(method_names(), input_methods()),
-                   help="method[:scope[:allocation]] specs (default: every method that needs "
+                   help="method[:scope[:allocation]][:rotation=B] specs (default: every method "
+                        "that needs "
                         "no trained parts, input methods over all projections and teal-like "
                         "ones over the MLP too)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.4, 0.5, 0.65])

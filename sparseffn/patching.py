@@ -20,7 +20,8 @@ from sparseffn.generation import clear_decode_loops
 from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_attn, layer_mlp,
                                 signal_of)
 from sparseffn.methods import ACT_SITE, Method, get_method, method_names
-from sparseffn.modules import InputGroup, SparseGatedMLP, SparseLinear, SparseModule
+from sparseffn.modules import (ROTATION_EXTRA, InputGroup, SparseGatedMLP, SparseLinear,
+                               SparseModule)
 from sparseffn.sharing import keep_count
 
 STATE_ATTR = "_sparseffn_state"
@@ -63,7 +64,8 @@ def _layer_modules(spec: FamilySpec, method: Method, layer: nn.Module,
             else method.neuron_gate(mlp, t, extras)
     new: dict[tuple[nn.Module, str], nn.Module] = {}
     if inputs or gate is not None:
-        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, inputs, gate)
+        new[(layer, "mlp")] = SparseGatedMLP(mlp, spec, inputs, gate,
+                                             extras.get(ROTATION_EXTRA))
     readers = []
     for site in (*spec.attn_in, spec.attn_out):
         if site in thresholds:
@@ -102,6 +104,17 @@ def _check_sites(model: nn.Module, spec: FamilySpec, method: Method,
             raise CalibrationError(f"the calibration's threshold {key} has shape "
                                    f"{list(t.shape)}; the module it gates has {width} channels "
                                    f"(expected [] or [{width}]); recalibrate")
+    block = getattr(calibration.config, "rotation", 0)
+    if block:
+        hidden = layer_mlp(layers[0]).down_proj.weight.shape[0]
+        want = [hidden // block, block, block]
+        for i in range(len(layers)):
+            q = calibration.extras.get(f"layers.{i}.{ROTATION_EXTRA}")
+            if q is None or list(q.shape) != want:
+                raise CalibrationError(
+                    f"the calibration asks for rotation={block} but layer {i}'s rotation is "
+                    f"{'missing' if q is None else list(q.shape)} (expected {want} for hidden "
+                    f"size {hidden}); recalibrate")
 
 
 def install(model: nn.Module, calibration: Calibration,

@@ -1,7 +1,7 @@
 """Quality against sparsity: every method at several levels, on held-out text, in one run.
 
-A method spec is ``name[:scope[:allocation]]``, e.g. ``teal:all``, ``teal:all:greedy``,
-``cats``. Every (method, level) pair is calibrated on its own, so the measured sparsity is the
+A method spec is ``name[:scope[:allocation]][:option=value]``, e.g. ``teal:all``,
+``teal:all:greedy``, ``teal:all:rotation=64``, ``cats``. Every (method, level) pair is calibrated on its own, so the measured sparsity is the
 one ``sparsify`` gives at that target.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import sparseffn
+from sparseffn.errors import SparseFFNError
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.speed import decode_speed
 from sparseffn.eval.tasks import build_tasks
@@ -37,14 +38,33 @@ class QualityRow:
     items: int = 0  # items per accuracy task (their standard errors follow from it)
 
 
-def parse_method(spec: str) -> dict[str, str]:
-    """``"teal:all:greedy"`` -> sparsify keyword arguments."""
+#: Options a method spec may carry as ``name=value`` parts, with their types.
+SPEC_OPTIONS = {"rotation": int}
+
+
+def parse_method(spec: str) -> dict[str, Any]:
+    """``"teal:all:greedy"`` or ``"teal:all:rotation=64"`` -> sparsify keyword arguments:
+    positional parts are the method, scope and allocation; ``name=value`` parts are options
+    (``SPEC_OPTIONS``)."""
     parts = spec.split(":")
-    out = {"method": parts[0]}
-    if len(parts) > 1:
-        out["scope"] = parts[1]
-    if len(parts) > 2:
-        out["allocation"] = parts[2]
+    out: dict[str, Any] = {"method": parts[0]}
+    positional = [p for p in parts[1:] if "=" not in p]
+    out.update(zip(("scope", "allocation"), positional))
+    if len(positional) > 2:
+        raise SparseFFNError(f"method spec {spec!r} has {len(positional) + 1} positional parts; "
+                         "the form is name[:scope[:allocation]][:option=value]")
+    for part in parts[1:]:
+        if "=" not in part:
+            continue
+        name, value = part.split("=", 1)
+        if name not in SPEC_OPTIONS:
+            raise SparseFFNError(f"method spec {spec!r}: unknown option {name!r} (options: "
+                             f"{sorted(SPEC_OPTIONS)})")
+        try:
+            out[name] = SPEC_OPTIONS[name](value)
+        except ValueError:
+            raise SparseFFNError(f"method spec {spec!r}: {name} takes an integer, got "
+                             f"{value!r}") from None
     return out
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import decode
-from sparseffn.dispatch import is_plain_linear, kernel_activation
+from calibrate.rotation import rotate, rotate_weight, unrotate
+from sparseffn import decode, layout
+from sparseffn.dispatch import KernelMode, is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
-from sparseffn.modules.base import SiteCounter, SparseModule
+from sparseffn.modules.base import SiteCounter, SparseModule, own_copy
 
 #: The site of the FFN neurons: neuron i off skips its up row and down column (and under a
 #: predictor its gate row).
 ACT_SITE = "act"
+#: The per-layer extra tensor (``Calibration.extras``) holding a rotation of the MLP input.
+ROTATION_EXTRA = "rotation.mlp_in"
 
 
 class NeuronGate(nn.Module):
@@ -67,10 +70,18 @@ class SparseGatedMLP(SparseModule):
     gate's own (``NeuronGate.decode``); with input sites only, ``input_sparse_gemv`` for every
     gated projection (gate and up, which read the same x, in one grouped launch) and dense
     ``F.linear`` for ungated ones.
+
+    ``rotation`` (float32 [H // b, b, b], ``calibrate.rotation``): the gate/up input sites test
+    z = x Q blockwise instead of x. On the reference path the product then takes x minus the
+    rotated-back dropped part of z, with the original weights (so a zero threshold is exactly
+    dense). Where the kernels' input-major layout holds, gate/up store W Q instead, which the
+    kernels read skipping the rows of dropped z entries; their original weights wait on the CPU
+    until the layout is restored (``unsparsify``, ``kernel_mode="never"``).
     """
 
     def __init__(self, base: nn.Module, spec: FamilySpec, thresholds: dict[str, torch.Tensor],
-                 neuron_gate: NeuronGate | None = None) -> None:
+                 neuron_gate: NeuronGate | None = None,
+                 rotation: torch.Tensor | None = None) -> None:
         super().__init__(base)
         self.spec = spec
         device = base.down_proj.weight.device
@@ -85,6 +96,18 @@ class SparseGatedMLP(SparseModule):
         if neuron_gate is not None:
             self.add_site(ACT_SITE, None, neuron_gate.rows_per_neuron * inter * hidden, device)
         self.register_buffer("zero", torch.zeros((), device=device), persistent=False)
+        if rotation is not None:
+            nb, b = rotation.shape[0], rotation.shape[-1]
+            if rotation.dim() != 3 or rotation.shape != (nb, b, b) or nb * b != hidden:
+                raise ValueError(f"a rotation of shape {list(rotation.shape)} does not tile "
+                                 f"the hidden size {hidden}; expected [{hidden} // b, b, b]")
+            if any(site not in thresholds for site in spec.mlp_in):
+                raise ValueError(f"a rotation needs the MLP input sites {spec.mlp_in} gated")
+            rotation = own_copy(rotation, device)
+        self.rotation: torch.Tensor | None
+        self.register_buffer("rotation", rotation)
+        #: Original gate/up weights (on the CPU) while their kernel layout holds W Q.
+        self._originals: dict[str, torch.Tensor] = {}
         # Probed only where a neuron gate's plan needs it (evaluating the activation module
         # would also reach a fine-tuning probe that stands in for it).
         self.kernel_act = (kernel_activation(activation(spec, base))
@@ -126,7 +149,58 @@ class SparseGatedMLP(SparseModule):
             super().set_threshold(site, value)
 
     def overhead_elements(self) -> int:
-        return 0 if self.neuron_gate is None else self.neuron_gate.overhead_elements()
+        # A rotation's Q is read on every decode step, d x b elements.
+        rotation = 0 if self.rotation is None else self.rotation.numel()
+        return rotation + (0 if self.neuron_gate is None
+                           else self.neuron_gate.overhead_elements())
+
+    # --- rotation: W Q in the kernels' layout ------------------------------------------------
+
+    def _rotated_linears(self) -> list[nn.Module]:
+        return [getattr(self.base, site) for site in self.spec.mlp_in]
+
+    def input_weight(self, site: str) -> torch.Tensor:
+        """``site``'s weight [out, in] in the basis its threshold tests: W, or W Q (float32)
+        for gate/up under a rotation whose weights are not rotated yet."""
+        w = getattr(self.base, site).weight.detach()
+        if self.rotation is None or site not in self.spec.mlp_in or self.weights_rotated:
+            return w
+        return rotate_weight(w, self.rotation)
+
+    @property
+    def weights_rotated(self) -> bool:
+        """Whether gate/up hold W Q (the kernels' layout under a rotation)."""
+        return bool(self._originals)
+
+    def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
+        super().set_kernel_mode(mode, keep_layout)
+        if self.rotation is None:
+            return
+        linears = self._rotated_linears()
+        if all(layout.is_input_major(lin.weight) for lin in linears):
+            if not self._originals:
+                self._rotate_weights(linears)
+        else:
+            self._restore_weights()
+
+    def restore_layout(self) -> None:
+        self._restore_weights()
+        super().restore_layout()
+
+    @torch.no_grad()
+    def _rotate_weights(self, linears: list[nn.Module]) -> None:
+        for site, lin in zip(self.spec.mlp_in, linears):
+            w = lin.weight
+            # The old storage is kept as it is, never written: on the CPU no copy is needed.
+            self._originals[site] = w.data if w.device.type == "cpu" else w.data.to("cpu")
+            w.data = rotate_weight(w.data, self.rotation).to(w.dtype).t().contiguous().t()
+
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        for site, original in self._originals.items():
+            w = getattr(self.base, site).weight
+            w.data = original.to(w.device)
+        self._originals = {}
 
     def gate_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_gate [I, H], W_up [I, H]), views of a fused weight where the family fuses them."""
@@ -148,16 +222,26 @@ class SparseGatedMLP(SparseModule):
             return self.neuron_gate is not None and self.neuron_gate.act_threshold() is not None
         return super().shares(site)
 
-    def _gate_input(self, x: torch.Tensor, site: str) -> torch.Tensor:
+    def _gate_input(self, x: torch.Tensor, site: str, z: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The input ``site``'s product takes: x with its dropped channels zeroed, or under a
+        rotation (z = x Q, float32) x minus the dropped part of z rotated back, or z's kept
+        part where the weights hold W Q."""
         if super().threshold(site) is None:
             return x
-        mask = self.site_mask(site, x.abs())
-        self.count(site, mask.expand_as(x))
-        return torch.where(mask, x, 0)
+        v = x if z is None else z
+        mask = self.site_mask(site, v.abs())
+        self.count(site, mask.expand_as(v))
+        if z is None or self.weights_rotated:
+            return torch.where(mask, v, 0).to(x.dtype)
+        # Exact zeros where nothing is dropped, so a zero threshold gives x itself.
+        return x - unrotate(torch.where(mask, 0, z), self.rotation).to(x.dtype)
 
     def _decode_inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """The "input" plan: x [B, H] -> y [B, H]."""
         base, t, cpu = self.base, super().threshold, self._cpu_path
+        # Under a rotation gate/up hold W Q (the layout this path runs on) and take z = x Q.
+        v_in = x2 if self.rotation is None else rotate(x2, self.rotation).to(x2.dtype)
 
         def counter(site: str) -> SiteCounter | None:  # an ungated projection has none
             return self.counter(site) if site in self.counters else None
@@ -167,14 +251,15 @@ class SparseGatedMLP(SparseModule):
             mask = self.site_mask(site, v.abs()) if site in self.shared_keep else None
             return decode.linear(v, proj.weight, proj.bias, t(site), cpu, counter(site), mask)
         if self.spec.fused_gate_up:
-            gate, up = linear(x2, "gate_up_proj").chunk(2, -1)
+            gate, up = linear(v_in, "gate_up_proj").chunk(2, -1)
         elif t("gate_proj") is not None and t("up_proj") is not None and not self.shared_keep:
             gp, up_ = base.gate_proj, base.up_proj
-            gate, up = decode.grouped_linear(x2, [gp.weight, up_.weight], [gp.bias, up_.bias],
+            gate, up = decode.grouped_linear(v_in, [gp.weight, up_.weight],
+                                             [gp.bias, up_.bias],
                                              [t("gate_proj"), t("up_proj")], cpu,
                                              [counter("gate_proj"), counter("up_proj")])
         else:
-            gate, up = linear(x2, "gate_proj"), linear(x2, "up_proj")
+            gate, up = linear(v_in, "gate_proj"), linear(v_in, "up_proj")
         return linear(self.act_fn()(gate) * up, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +270,11 @@ class SparseGatedMLP(SparseModule):
                 else self._decode_inputs(x2)
             return y.reshape(x.shape[0], 1, y.shape[-1])
         observe = self.observe
+        z = None if self.rotation is None else rotate(x, self.rotation)
         if observe is not None:
-            observe("mlp_in", x)
-        x_gate = self._gate_input(x, self.spec.mlp_in[0])
-        x_up = x_gate if self.spec.fused_gate_up else self._gate_input(x, "up_proj")
+            observe("mlp_in", x if z is None else z)
+        x_gate = self._gate_input(x, self.spec.mlp_in[0], z)
+        x_up = x_gate if self.spec.fused_gate_up else self._gate_input(x, "up_proj", z)
         gate, up = gate_and_up(self.spec, self.base, x_gate, x_up)
         act = self.act_fn()(gate)
         if observe is not None:
@@ -206,5 +292,6 @@ class SparseGatedMLP(SparseModule):
         return self.base.down_proj(self._gate_input(h, "down_proj"))
 
     def extra_repr(self) -> str:
+        rotation = "" if self.rotation is None else f", rotation_block={self.rotation.shape[-1]}"
         return (f"sites={self.sites}, decode_plan={self.plan}, "
-                f"kernel_mode={self.kernel_mode.value}")
+                f"kernel_mode={self.kernel_mode.value}{rotation}")
