@@ -26,7 +26,7 @@ import triton_kernels
 from bench.e2e import harness as H
 from bench.e2e.check import check_kernel_path
 from bench.e2e.shapes import build_model, step_bytes
-from sparseffn.eval.sweep import save_figure
+from sparseffn.eval.sweep import parse_method, save_figure
 
 NUMERIC = {"target", "measured_sparsity", "speedup", "byte_limit_speedup", "batch", "prompt",
            "layers"}
@@ -35,7 +35,7 @@ FIELDS = ["device", "torch", "triton", "transformers", "shape", "layers", "dtype
           "scope", "target", "measured_sparsity", "ffn_bytes_skipped", "all_bytes_skipped",
           "batch", "prompt", "new_tokens", "harness", "tok_s", "dense_tok_s", "speedup",
           "floor_tok_s", "frac_of_floor", "byte_limit_speedup", "peak_mem_gb",
-          "calib_seconds", "sharing", "over_dense_generate"]
+          "calib_seconds", "sharing", "over_dense_generate", "rotation"]
 
 
 def _versions() -> dict[str, str]:
@@ -59,8 +59,9 @@ def read_bandwidth(device: str) -> float:
 
 
 def calibrations(model, method: str, scope: str, levels: list[float], tokens: int,
-                 seq_len: int, progress: bool) -> tuple[list, float]:
-    """One Calibration per level, fitted on random token ids (model unpatched)."""
+                 seq_len: int, progress: bool, **options) -> tuple[list, float]:
+    """One Calibration per level, fitted on random token ids (model unpatched); ``options``
+    are further ``SparsityConfig`` fields (allocation, rotation)."""
     from sparseffn.calibration import calibrate_model
     from sparseffn.config import SparsityConfig
 
@@ -69,7 +70,7 @@ def calibrations(model, method: str, scope: str, levels: list[float], tokens: in
                         generator=g)
     out, t0 = [], time.perf_counter()
     for s in levels:
-        config = SparsityConfig(method=method, sparsity=s, scope=scope)
+        config = SparsityConfig(method=method, sparsity=s, scope=scope, **options)
         out.append(calibrate_model(model, None, ids, config, tokens, seq_len, batch_size=4,
                                    progress=progress, data_name="random token ids"))
     return out, (time.perf_counter() - t0) / len(levels)
@@ -145,12 +146,12 @@ def run(args) -> list[dict]:
     for scope in args.oracle:
         run_oracle(args, ver, model, bw, scope, dense, rows)
     for spec in args.methods:
-        method, _, scope = spec.partition(":")
-        scope = scope or "mlp"
+        options = parse_method(spec)
+        method, scope = options.pop("method"), options.pop("scope", "mlp")
         print(f"[{time.perf_counter() - T0:5.0f}s] calibrating {spec}", flush=True)
         levels = getattr(args, "method_levels", {}).get(spec, args.sparsities)
         cals, calib_s = calibrations(model, method, scope, levels, args.calib_tokens,
-                                     args.calib_seq_len, args.progress)
+                                     args.calib_seq_len, args.progress, **options)
         from sparseffn.patching import install, update_thresholds
         install(model, cals[0], kernel_mode=args.kernel_mode)
         _recompile(model)
@@ -174,7 +175,8 @@ def run(args) -> list[dict]:
                                               report, b, p, harness, rate,
                                               dense[(harness, b, p)], calib_s),
                                      "sharing": sharing,
-                                     "over_dense_generate": _user_view(rate, dense, b, p)})
+                                     "over_dense_generate": _user_view(rate, dense, b, p),
+                                     "rotation": options.get("rotation", 0)})
                         print(_fmt(rows[-1]), flush=True)
             if args.profile and device.startswith("cuda") and abs(target - 0.5) < 1e-9:
                 for harness in args.harnesses:
@@ -259,7 +261,8 @@ def print_profile(label: str, prof: dict) -> None:
 
 
 def _fmt(r: dict) -> str:
-    return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4} "
+    rot = f"+rot{r['rotation']}" if r.get("rotation") else ""
+    return (f"[{time.perf_counter() - T0:5.0f}s] {r['method']:>6}:{r['scope']:<4}{rot} "
             f"s={r['target']:.2f} (measured {r['measured_sparsity']:.3f}) B={r['batch']} "
             f"P={r['prompt']:<5} {r['harness']:<8} {r.get('sharing', ''):<9}"
             f" {r['tok_s']:8.1f} tok/s  x{r['speedup']:.2f} dense  "
