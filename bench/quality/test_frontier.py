@@ -70,8 +70,12 @@ def test_gpu_speeds_join_by_spec_and_level(tmp_path):
         {**base, "method": "chess", "scope": "mlp", "target": 0.2, "harness": "generate",
          "speedup": 9.0, "sharing": "shared"},
     ])
-    gpu = frontier.gpu_speeds([path])
+    rotated = _e2e_csv(tmp_path / "e2e_rot.csv", [
+        {**base, "method": "teal", "scope": "all", "target": 0.3, "harness": "lean",
+         "speedup": 1.2, "rotation": 64}])
+    gpu = frontier.gpu_speeds([path, rotated])
     assert gpu[("teal:all", 0.3)] == {"lean": 1.31, "generate": 1.5}
+    assert gpu[("teal:all:rotation=64", 0.3)] == {"lean": 1.2}
     assert gpu[("chess", 0.2)] == {"lean": 1.11}
     table = frontier.markdown(_frontier_rows(), gpu)
     assert "| teal:all | 0.30; CPU 1.25x; GPU 1.31x / 1.50x |" in table
