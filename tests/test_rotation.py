@@ -195,6 +195,7 @@ def test_kernel_path_matches_reference_path_and_undo_restores_weights(family, me
     # "never" puts the original weights back, "always" rotates them again.
     sparseffn.set_kernel_mode(kern, "never")
     assert not patched.weights_rotated and torch.equal(proj.weight, original)
+    assert proj.weight.is_contiguous()
     sparseffn.set_kernel_mode(kern, "always")
     assert patched.weights_rotated
     sparseffn.unsparsify(kern)

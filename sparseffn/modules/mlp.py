@@ -191,8 +191,9 @@ class SparseGatedMLP(SparseModule):
     def _rotate_weights(self, linears: list[nn.Module]) -> None:
         for site, lin in zip(self.spec.mlp_in, linears):
             w = lin.weight
-            # The old storage is kept as it is, never written: on the CPU no copy is needed.
-            self._originals[site] = w.data if w.device.type == "cpu" else w.data.to("cpu")
+            # Kept in nn.Linear's own layout, so restoring it restores the reference path's
+            # bits (F.linear on an input-major weight sums in another order).
+            self._originals[site] = w.data.to("cpu").contiguous()
             w.data = rotate_weight(w.data, self.rotation).to(w.dtype).t().contiguous().t()
 
     @torch.no_grad()
