@@ -1,6 +1,6 @@
 """Quality and measured sparsity per domain: each method spec at each target, calibrated on
-Austen, evaluated on held-out Austen (in-domain) and news (another domain), with the bytes each
-domain's text really skipped.
+Austen (or ``--calibration`` sources), evaluated on held-out Austen and news, with the bytes
+each domain's text really skipped.
 
     python -m bench.quality.per_domain --specs teal:all teal:all:rotation=64 \
         --levels 0.44 0.47 0.5 --csv per_domain.csv
@@ -8,7 +8,7 @@ domain's text really skipped.
 A criterion's measured sparsity moves with the text: thresholds fitted on one domain keep
 more (or fewer) channels on another, so a comparison between criteria must be made at the
 bytes each domain measured, not at the target. Each spec is calibrated at each level by
-``sparseffn.sparsify`` (``--calib-tokens`` of Austen); perplexity over ``--windows`` held-out
+``sparseffn.sparsify`` (``--calib-tokens``); perplexity over ``--windows`` held-out
 windows of ``--seq-len`` tokens per domain, the sparsity counters reset before each domain.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sparseffn
 from sparseffn.data import builtin_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.sweep import parse_method, write_csv
+from sparseffn.families import window_bos
 
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
@@ -34,10 +35,16 @@ def run(a: argparse.Namespace) -> list[dict]:
                               purpose="evaluation")[:a.windows] for d in DOMAINS}
     dense = {d: perplexity(model, w) for d, w in evals.items()}
     print(f"dense perplexity {dense}", flush=True)
+    # Several sources: an equal share of 512-token windows from each (sparsify's own window
+    # length), given as token ids.
+    calib = builtin_texts(a.calibration[0], "calibration") if len(a.calibration) == 1 else \
+        torch.cat([token_windows(tok, builtin_texts(src, "calibration"),
+                                 a.calib_tokens // len(a.calibration), 512,
+                                 bos=window_bos(model, tok)) for src in a.calibration])
     rows = []
     for spec in a.specs:
         for level in a.levels:
-            sparseffn.sparsify(model, sparsity=level, calibration="austen", tokenizer=tok,
+            sparseffn.sparsify(model, sparsity=level, calibration=calib, tokenizer=tok,
                                n_tokens=a.calib_tokens, progress=False, **parse_method(spec))
             try:
                 row = {"spec": spec, "target": level}
@@ -57,6 +64,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                 f"+{100 * row[f'increase_{d}']:.1f}%" for d in DOMAINS), flush=True)
             if a.csv:
                 write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
+                                        "calibration": "+".join(a.calibration),
                                         "calib_tokens": str(a.calib_tokens),
                                         "windows": f"{a.windows}x{a.seq_len}"})
     return rows
@@ -68,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--specs", nargs="+", required=True,
                    help="method[:scope[:allocation]][:option=value] specs")
     p.add_argument("--levels", nargs="+", type=float, default=[0.5])
+    p.add_argument("--calibration", nargs="+", default=["austen"],
+                   choices=["austen", "news", "pydoc"],
+                   help="built-in sources of the calibration text (their calibration splits)")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
     p.add_argument("--seq-len", type=int, default=256)
