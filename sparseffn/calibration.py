@@ -31,7 +31,8 @@ from sparseffn.families import (FamilySpec, decoder_layers, family_of, layer_att
                                 window_bos)
 from sparseffn.methods import FitContext, Method, get_method
 from sparseffn.modules import ROTATION_EXTRA, SparseGatedMLP, SparseLinear
-from sparseffn.patching import install, is_sparsified, remove, site_module, sparse_modules, update_thresholds
+from sparseffn.patching import (install, is_sparsified, remove, site_module, sparse_modules,
+                                update_thresholds)
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
