@@ -1,8 +1,8 @@
 """Quality against sparsity: every method at several levels, on held-out text, in one run.
 
 A method spec is ``name[:scope[:allocation]][:option=value]``, e.g. ``teal:all``,
-``teal:all:greedy``, ``teal:all:rotation=64``, ``cats``. Every (method, level) pair is calibrated on its own, so the measured sparsity is the
-one ``sparsify`` gives at that target.
+``teal:all:greedy``, ``teal:all:rotation=64``, ``cats``. Every (method, level) pair is
+calibrated on its own, so the measured sparsity is the one ``sparsify`` gives at that target.
 """
 from __future__ import annotations
 

@@ -4,5 +4,6 @@ from sparseffn.modules.base import SiteCounter, SparseModule, above, own_copy, s
 from sparseffn.modules.linear import InputGroup, SparseLinear
 from sparseffn.modules.mlp import ACT_SITE, ROTATION_EXTRA, NeuronGate, SparseGatedMLP
 
-__all__ = ["ACT_SITE", "ROTATION_EXTRA", "InputGroup", "NeuronGate", "SiteCounter", "SparseGatedMLP",
+__all__ = ["ACT_SITE", "ROTATION_EXTRA", "InputGroup", "NeuronGate", "SiteCounter",
+           "SparseGatedMLP",
            "SparseLinear", "SparseModule", "above", "own_copy", "set_buffer"]
