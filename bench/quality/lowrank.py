@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparseffn
-from sparseffn.data import builtin_texts, token_windows
+from bench.quality import heldout
+from bench.quality.heldout import DOMAINS
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.sweep import write_csv
 
-DOMAINS = {"austen": "in-domain", "news": "other domain"}
 KINDS = ("plain", "svd", "aware")
 
 
@@ -113,16 +112,8 @@ def install(model: nn.Module, samples: dict, kind: str, sparsity: float, extra: 
 
 
 def run(a: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    model, tok = sparseffn.load_builtin_model()
-    calib = token_windows(tok, builtin_texts("austen", "calibration"), a.calib_tokens,
-                          a.seq_len, purpose="calibration")
-    evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
-                              purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w) for d, w in evals.items()}
-    print(f"dense perplexity {dense}", flush=True)
-    samples = sample_inputs(model, calib)
+    model, tok, evals, dense = heldout.setup(a)
+    samples = sample_inputs(model, heldout.calibration_windows(tok, a))
     total = sum(m.weight.numel() for layer in model.model.layers
                 for mods in groups(layer).values() for m in mods)
     rows = []
@@ -157,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", nargs="+", required=True,
                    help="kind:sparsity[:extra] with kind in " + ", ".join(KINDS))
-    p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--csv")
+    heldout.add_args(p)
     a = p.parse_args(argv)
     for point in a.points:
         parts = point.split(":")

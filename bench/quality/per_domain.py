@@ -19,22 +19,17 @@ import sys
 import torch
 
 import sparseffn
+from bench.quality import heldout
+from bench.quality.heldout import DOMAINS
 from sparseffn.data import builtin_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.sweep import parse_method, write_csv
 from sparseffn.families import window_bos
 
-DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
 
 def run(a: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    model, tok = sparseffn.load_builtin_model()
-    evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
-                              purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w) for d, w in evals.items()}
-    print(f"dense perplexity {dense}", flush=True)
+    model, tok, evals, dense = heldout.setup(a)
     # Several sources: an equal share of 512-token windows from each (sparsify's own window
     # length), given as token ids.
     calib = builtin_texts(a.calibration[0], "calibration") if len(a.calibration) == 1 else \
@@ -79,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", nargs="+", default=["austen"],
                    choices=["austen", "news", "pydoc"],
                    help="built-in sources of the calibration text (their calibration splits)")
-    p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--csv")
+    heldout.add_args(p)
     a = p.parse_args(argv)
     for spec in a.specs:  # refuse a bad spec before loading anything
         for level in a.levels:

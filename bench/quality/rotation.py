@@ -50,8 +50,8 @@ import time
 import torch
 from torch import nn
 
-import sparseffn
-from sparseffn.data import builtin_texts, token_windows
+from bench.quality import heldout
+from bench.quality.heldout import DOMAINS
 from sparseffn.eval.perplexity import perplexity
 from sparseffn.eval.sweep import write_csv
 
@@ -67,7 +67,6 @@ RUNTIME_ROTATIONS = {"plain": 0, "layer": 2, "layer-mlp": 1, "layer-attn": 1, "r
                      "global": 0}
 #: Block-diagonal variants: each rotated site costs width x block per token instead.
 BLOCK_VARIANTS = ("block-mlp", "block-mlp-down", "random-mlp")
-DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
 
 def _modules(layer: nn.Module) -> dict[str, nn.Module]:
@@ -231,16 +230,8 @@ def read_fraction(model: nn.Module, variant: str, sparsity: float, block: int = 
 
 
 def run(a: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    model, tok = sparseffn.load_builtin_model()
-    calib = token_windows(tok, builtin_texts("austen", "calibration"), a.calib_tokens,
-                          a.seq_len, purpose="calibration")
-    evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
-                              purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w) for d, w in evals.items()}
-    print(f"dense perplexity {dense}", flush=True)
-    acts = Activations(model, calib)
+    model, tok, evals, dense = heldout.setup(a)
+    acts = Activations(model, heldout.calibration_windows(tok, a))
     rows = []
     for variant in a.variants:
         qs = rotations(acts, variant, a.block)
@@ -279,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=64, help="block size of the block variants")
     p.add_argument("--scope", default="all", choices=["all", "mlp"],
                    help="all seven projections' inputs, or gate/up's and down's only")
-    p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--csv")
+    heldout.add_args(p)
     a = p.parse_args(argv)
     if a.scope == "mlp" and any("attn" in VARIANTS[v] for v in a.variants):
         p.error(f"--scope mlp leaves the attention input dense: the variants "

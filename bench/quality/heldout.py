@@ -1,0 +1,43 @@
+"""What the quality probes share: the built-in model, its held-out windows per domain (Austen's
+held-out books in-domain, news as another domain) with their dense perplexity, and the
+arguments that size them."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+import sparseffn
+from sparseffn.data import builtin_texts, token_windows
+from sparseffn.eval.perplexity import perplexity
+
+DOMAINS = {"austen": "in-domain", "news": "other domain"}
+
+
+def add_args(p: argparse.ArgumentParser, calib_tokens: int = 8192) -> None:
+    """--calib-tokens, --windows, --seq-len, --threads and --csv."""
+    p.add_argument("--calib-tokens", type=int, default=calib_tokens)
+    p.add_argument("--windows", type=int, default=16, help="held-out windows per domain")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--csv")
+
+
+def setup(a: argparse.Namespace) -> tuple[nn.Module, object, dict[str, torch.Tensor],
+                                          dict[str, float]]:
+    """(model, tokenizer, held-out windows [N, L] per domain, dense perplexity per domain)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    model, tok = sparseffn.load_builtin_model()
+    evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
+                              purpose="evaluation")[:a.windows] for d in DOMAINS}
+    dense = {d: perplexity(model, w) for d, w in evals.items()}
+    print(f"dense perplexity {dense}", flush=True)
+    return model, tok, evals, dense
+
+
+def calibration_windows(tok, a: argparse.Namespace) -> torch.Tensor:
+    """``--calib-tokens`` of Austen's calibration books in windows of ``--seq-len``."""
+    return token_windows(tok, builtin_texts("austen", "calibration"), a.calib_tokens, a.seq_len,
+                         purpose="calibration")
