@@ -11,6 +11,7 @@ from torch import nn
 import sparseffn
 from sparseffn.data import builtin_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
+from sparseffn.eval.sweep import write_csv
 
 DOMAINS = {"austen": "in-domain", "news": "other domain"}
 
@@ -41,3 +42,30 @@ def calibration_windows(tok, a: argparse.Namespace) -> torch.Tensor:
     """``--calib-tokens`` of Austen's calibration books in windows of ``--seq-len``."""
     return token_windows(tok, builtin_texts("austen", "calibration"), a.calib_tokens, a.seq_len,
                          purpose="calibration")
+
+
+def add_perplexities(row: dict, ppl: dict[str, float], dense: dict[str, float]) -> None:
+    """``ppl_{domain}`` and ``increase_{domain}`` (over dense) into ``row``."""
+    for d in DOMAINS:
+        row[f"ppl_{d}"] = round(ppl[d], 3)
+        row[f"increase_{d}"] = round(ppl[d] / dense[d] - 1, 4)
+
+
+def write(rows: list[dict], a: argparse.Namespace, **meta: str) -> None:
+    """The rows so far to ``--csv`` (if given), with the run's facts as its header."""
+    if a.csv:
+        write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
+                                "calib_tokens": str(a.calib_tokens),
+                                "windows": f"{a.windows}x{a.seq_len}", **meta})
+
+
+@torch.no_grad()
+def run_hooked(model: nn.Module, windows: torch.Tensor, handles: list) -> None:
+    """Run ``windows`` [N, L] through ``model`` in batches of 4, then remove the hook
+    ``handles`` (also on error)."""
+    try:
+        for batch in windows.split(4):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()

@@ -33,7 +33,6 @@ from torch import nn
 from bench.quality import heldout
 from bench.quality.heldout import DOMAINS
 from sparseffn.eval.perplexity import perplexity
-from sparseffn.eval.sweep import write_csv
 
 KINDS = ("plain", "svd", "aware")
 
@@ -55,13 +54,7 @@ def sample_inputs(model: nn.Module, windows: torch.Tensor, stride: int = 2
             handles.append(mods[0].register_forward_pre_hook(
                 lambda mod, args, key=(i, g): out.setdefault(key, []).append(
                     args[0].detach().reshape(-1, args[0].shape[-1])[::stride].float())))
-    try:
-        with torch.no_grad():
-            for batch in windows.split(4):
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    heldout.run_hooked(model, windows, handles)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -129,17 +122,12 @@ def run(a: argparse.Namespace) -> list[dict]:
                 h.remove()
         row = {"kind": kind, "sparsity": s, "extra": extra,
                "read_fraction": round(1 - s + added / total, 4)}
-        for d in DOMAINS:
-            row[f"ppl_{d}"] = round(ppl[d], 3)
-            row[f"increase_{d}"] = round(ppl[d] / dense[d] - 1, 4)
+        heldout.add_perplexities(row, ppl, dense)
         rows.append(row)
         print(f"{kind:<6} s={s:.2f} extra={extra:.2f} reads {row['read_fraction']:.3f}: "
               + ", ".join(f"{DOMAINS[d]} +{100 * row[f'increase_{d}']:.1f}%" for d in DOMAINS)
               + f"  [{time.time() - t0:.0f} s]", flush=True)
-        if a.csv:
-            write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
-                                    "calib_tokens": str(a.calib_tokens),
-                                    "windows": str(a.windows)})
+        heldout.write(rows, a)
     return rows
 
 

@@ -23,7 +23,7 @@ from bench.quality import heldout
 from bench.quality.heldout import DOMAINS
 from sparseffn.data import builtin_texts, token_windows
 from sparseffn.eval.perplexity import perplexity
-from sparseffn.eval.sweep import parse_method, write_csv
+from sparseffn.eval.sweep import parse_method
 from sparseffn.families import window_bos
 
 
@@ -57,11 +57,7 @@ def run(a: argparse.Namespace) -> list[dict]:
             print(f"{spec} at {level}: " + " | ".join(
                 f"{DOMAINS[d]}: skips {row[f'all_bytes_skipped_{d}']:.3f} of all bytes, "
                 f"+{100 * row[f'increase_{d}']:.1f}%" for d in DOMAINS), flush=True)
-            if a.csv:
-                write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
-                                        "calibration": "+".join(a.calibration),
-                                        "calib_tokens": str(a.calib_tokens),
-                                        "windows": f"{a.windows}x{a.seq_len}"})
+            heldout.write(rows, a, calibration="+".join(a.calibration))
     return rows
 
 

@@ -53,7 +53,6 @@ from torch import nn
 from bench.quality import heldout
 from bench.quality.heldout import DOMAINS
 from sparseffn.eval.perplexity import perplexity
-from sparseffn.eval.sweep import write_csv
 
 VARIANTS = {"plain": (), "layer": ("attn", "mlp"), "layer-mlp": ("mlp",),
             "layer-attn": ("attn",), "residual": ("attn", "mlp"), "global": ("attn", "mlp"),
@@ -95,13 +94,7 @@ class Activations:
                     handles.append(module.register_forward_pre_hook(
                         lambda mod, args, key=(i, site): samples.setdefault(key, []).append(
                             args[0].detach().reshape(-1, args[0].shape[-1])[::stride].float())))
-        try:
-            with torch.no_grad():
-                for batch in windows.split(4):
-                    model(input_ids=batch, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        heldout.run_hooked(model, windows, handles)
         self.samples = {k: torch.cat(v) for k, v in samples.items()}
 
     def _norm_hook(self, i: int, site: str, samples: dict, stride: int):
@@ -248,17 +241,12 @@ def run(a: argparse.Namespace) -> list[dict]:
                    "block": a.block if variant in BLOCK_VARIANTS else "",
                    "sparsity": s, "read_fraction": round(frac, 4),
                    "byte_limit_speedup": round(1 / frac, 3)}
-            for d, name in DOMAINS.items():
-                row[f"ppl_{d}"] = round(ppl[d], 3)
-                row[f"increase_{d}"] = round(ppl[d] / dense[d] - 1, 4)
+            heldout.add_perplexities(row, ppl, dense)
             rows.append(row)
             print(f"{variant:<10} s={s:.2f} reads {frac:.3f} (x{1 / frac:.2f}): "
                   + ", ".join(f"{DOMAINS[d]} {ppl[d]:.2f} (+{100 * (ppl[d] / dense[d] - 1):.1f}%)"
                               for d in DOMAINS) + f"  [{time.time() - t0:.0f} s]", flush=True)
-            if a.csv:
-                write_csv(rows, a.csv, {"model": "SmolLM2-135M", "torch": torch.__version__,
-                                        "calib_tokens": str(a.calib_tokens),
-                                        "windows": str(a.windows)})
+            heldout.write(rows, a)
     return rows
 
 
