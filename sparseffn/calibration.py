@@ -67,7 +67,14 @@ def collect_statistics(model: nn.Module, spec: FamilySpec, method: Method, scope
                        desc: str = "calibrating") -> dict[str, torch.Tensor]:
     """Run ``windows`` [N, L] of token ids through the patched ``model``; return the
     statistics ``method`` asks for, ``{"layers.{i}.{stat key}": tensor}`` on the CPU."""
-    specs = method.stat_specs(scope)
+    return observe_statistics(model, spec, method.stat_specs(scope), windows, batch_size,
+                              progress, desc)
+
+
+def observe_statistics(model: nn.Module, spec: FamilySpec, specs: tuple[StatSpec, ...],
+                       windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                       desc: str = "calibrating") -> dict[str, torch.Tensor]:
+    """``collect_statistics`` for the statistics ``specs`` themselves."""
     observers = []
     for i, layer in enumerate(decoder_layers(model)):
         mlp = layer_mlp(layer)
@@ -100,16 +107,11 @@ def rotation_extras(model: nn.Module, block: int, windows: torch.Tensor, batch_s
     """Block rotations of every layer's MLP input (``calibrate.rotation``), fitted on the
     activations the patched ``model`` shows for ``windows`` [N, L]:
     ``{"layers.{i}.rotation.mlp_in": float32 [H // block, block, block]}``."""
-    spec = StatSpec("moment.mlp_in", "mlp_in", "block_moment", block=block)
-    mlps = [(i, m) for i, m in sparse_modules(model) if isinstance(m, SparseGatedMLP)]
-    observers = {i: LayerObserver(i, (spec,), {}, m.zero.device) for i, m in mlps}
-    run_observed(model, [(m, observers[i].report) for i, m in mlps], windows, batch_size,
-                 progress, desc="calibrating (rotation pass)")
-    out = {}
-    for i, obs in observers.items():
-        moment = obs.finish()[f"layers.{i}.{spec.key}"]
-        out[f"layers.{i}.{ROTATION_EXTRA}"] = fit_block_rotation(moment)
-    return out
+    moment = StatSpec("moment.mlp_in", "mlp_in", "block_moment", block=block)
+    stats = observe_statistics(model, family_of(model), (moment,), windows, batch_size,
+                               progress, desc="calibrating (rotation pass)")
+    return {f"layers.{i}.{ROTATION_EXTRA}": fit_block_rotation(stats[f"layers.{i}.{moment.key}"])
+            for i in range(len(decoder_layers(model)))}
 
 
 def check_rotation(model: nn.Module, block: int) -> None:
