@@ -127,6 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     if args.harness == "lm-eval":
         return _eval_lm_eval(args)
+    if not 0 <= args.prompt_len < args.seq_len - 1:
+        raise _flag_error("--prompt-len", f"must be in [0, {args.seq_len - 2}] (below "
+                          f"--seq-len {args.seq_len}), got {args.prompt_len}")
     if args.tasks or args.limit is not None:
         from sparseffn.errors import SparseFFNError
         raise SparseFFNError("--tasks and --limit are lm-eval options: add --harness lm-eval")
@@ -137,7 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                          eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                          n_tokens=args.tokens, n_items=args.items,
                          on_row=(lambda done: write_csv(done, args.csv, extra)) if args.csv
-                         else None, decode_tokens=args.decode_tokens)
+                         else None, decode_tokens=args.decode_tokens,
+                         prompt_len=args.prompt_len)
     print(markdown_table(rows))
     if args.csv:
         print(f"wrote {args.csv}")
@@ -162,8 +166,14 @@ def _eval_lm_eval(args: argparse.Namespace) -> None:
     from sparseffn.data import BUILTIN_SOURCES
     from sparseffn.errors import SparseFFNError
     from sparseffn.eval import harness
-    from sparseffn.eval.sweep import write_csv
+    from sparseffn.eval.sweep import decides_at_prompt, write_csv
 
+    at_prompt = [m for m in args.methods if decides_at_prompt(m)]
+    if at_prompt:
+        raise SparseFFNError(f"{at_prompt} compute a prompt densely and decide from it; "
+                             "lm-eval scores whole passages in one forward, which would "
+                             "measure the dense model. Use the built-in harness with "
+                             "--prompt-len")
     if not harness.lm_eval_available():
         raise SparseFFNError("--harness lm-eval needs lm-eval: pip install 'sparseffn[lm-eval]'")
     if args.plot:
@@ -199,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import sparseffn
     from sparseffn.data import load_texts, token_windows
     from sparseffn.eval.perplexity import perplexity
-    from sparseffn.eval.sweep import evaluate
+    from sparseffn.eval.sweep import decides_at_prompt, evaluate
     from sparseffn.eval.speed import decode_speed
     from sparseffn.eval.tasks import build_tasks
 
@@ -214,9 +224,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     tasks = build_tasks(tokenizer, eval_texts, args.items)
     print(f"held-out text: {args.eval_data} ({windows.numel()} tokens for perplexity, "
           f"{args.items} items per accuracy task)")
+    # A method that decides at the prompt is scored on decode steps after half of each window
+    # (dense too); its accuracy tasks (whole-passage forwards) would measure the dense model.
+    at_prompt = decides_at_prompt(args.method)
+    prompt_len = windows.shape[1] // 2 if at_prompt else 0
+    if at_prompt:
+        print(f"{args.method} decides at the prompt: perplexity on the decode steps after "
+              f"{prompt_len} prompt tokens of each window; no accuracy tasks")
     phase = time.time()
     print("evaluating the dense model ...", flush=True)
-    dense = evaluate(model, windows, tasks, progress=True)
+    dense = evaluate(model, windows, tasks, progress=True, prompt_len=prompt_len)
     dense_speed = decode_speed(model, new_tokens=args.decode_tokens) \
         if args.decode_tokens else None
     print(f"  done in {time.time() - phase:.0f} s; calibrating {args.method} at "
@@ -227,9 +244,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"  done in {time.time() - phase:.0f} s; evaluating the sparse model ...", flush=True)
     phase = time.time()
     sparseffn.reset_sparsity_stats(model)
-    sparse = {"perplexity": perplexity(model, windows, progress=True)}
+    sparse = {"perplexity": perplexity(model, windows, progress=True, prompt_len=prompt_len)}
     report = sparseffn.sparsity_report(model)  # over the held-out perplexity windows only
-    sparse.update({task.name: task.evaluate(model, progress=True) for task in tasks})
+    sparse.update({task.name: float("nan") if at_prompt else task.evaluate(model, progress=True)
+                   for task in tasks})
     sparse_speed = decode_speed(model, new_tokens=args.decode_tokens) \
         if args.decode_tokens else None
     print(f"  done in {time.time() - phase:.0f} s", flush=True)
@@ -290,11 +308,13 @@ def _bench(module: str):
 
 def default_sweep(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
     """The quality sweep's default specs: each input method over all projections (the first
-    one over the MLP too), then every other method, trained ones (predictors) left out."""
+    one over the MLP too), then every other method, trained ones (predictors) and those
+    that decide at the prompt (scored on decode steps only, ``--prompt-len``) left out."""
     from sparseffn.methods import method_class
     out = [f"{n}:all" for n in inputs]
     out[1:1] = [f"{inputs[0]}:mlp"] if inputs else []
-    return out + [n for n in names if n not in inputs and not method_class(n).trained]
+    return out + [n for n in names if n not in inputs and not method_class(n).trained
+                  and not method_class(n).decides_at_prompt]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="greedy tokens timed per row for decode tokens/s on this machine "
                         "(0: skip)")
+    p.add_argument("--prompt-len", type=int, default=0,
+                   help="score perplexity on decode steps after this many prompt tokens of "
+                        "each window, dense and sparse (0: whole windows); needed by methods "
+                        "that decide at the prompt (coreinfer)")
     p.add_argument("--csv", help="write results here")
     p.add_argument("--plot", help="write a PNG plot here")
     p.set_defaults(func=cmd_eval)

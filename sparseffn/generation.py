@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sparseffn.errors import SparseFFNError
+from sparseffn.modules import start_sequences
 
 LOOPS_ATTR = "_sparseffn_decode_loops"
 EOS_CHECK_EVERY = 8  # steps between host syncs that test whether every sequence has ended
@@ -165,6 +166,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
 
     loop = _loop(model, B, max_len, compile)
     loop.cache.reset()
+    start_sequences(model, attention_mask)
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         # Full-length mask: the prompt's padding, then ones (the causal mask hides the future),

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sparseffn.generation import generate as lean_generate
+from sparseffn.modules import start_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     from sparseffn.patching import patch_state
 
     if not patch_state(model).lean_generate:
-        return type(model).generate(model, *args, **kwargs)
+        return _class_generate(model, args, kwargs)
     try:
         loop_args = plan(model, args, dict(kwargs))
     except Exception as exc:  # noqa: BLE001 - generate itself reports what is wrong in a call
@@ -206,8 +207,15 @@ def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Info for the device (nothing to change in the call), a warning for an option.
         device = loop_args.startswith("the model runs on")
         _say_once(loop_args, logging.INFO if device else logging.WARNING)
-        return type(model).generate(model, *args, **kwargs)
+        return _class_generate(model, args, kwargs)
     return lean_generate(model, **loop_args)
+
+
+def _class_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """transformers' own ``generate``, after telling the neuron gates new sequences begin."""
+    mask = kwargs.get("attention_mask")
+    start_sequences(model, mask if isinstance(mask, torch.Tensor) else None)
+    return type(model).generate(model, *args, **kwargs)
 
 
 def attach(model: nn.Module) -> None:

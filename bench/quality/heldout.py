@@ -25,15 +25,16 @@ def add_args(p: argparse.ArgumentParser, calib_tokens: int = 8192) -> None:
     p.add_argument("--csv")
 
 
-def setup(a: argparse.Namespace) -> tuple[nn.Module, object, dict[str, torch.Tensor],
-                                          dict[str, float]]:
-    """(model, tokenizer, held-out windows [N, L] per domain, dense perplexity per domain)."""
+def setup(a: argparse.Namespace, prompt_len: int = 0
+          ) -> tuple[nn.Module, object, dict[str, torch.Tensor], dict[str, float]]:
+    """(model, tokenizer, held-out windows [N, L] per domain, dense perplexity per domain; on
+    the decode steps after ``prompt_len`` tokens of each window if > 0)."""
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     model, tok = sparseffn.load_builtin_model()
     evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
                               purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w) for d, w in evals.items()}
+    dense = {d: perplexity(model, w, prompt_len=prompt_len) for d, w in evals.items()}
     print(f"dense perplexity {dense}", flush=True)
     return model, tok, evals, dense
 

@@ -69,12 +69,32 @@ def parse_method(spec: str) -> dict[str, Any]:
 
 
 def evaluate(model: nn.Module, windows: torch.Tensor, tasks: Sequence[Any],
-             progress: bool = False) -> dict[str, float]:
-    """Perplexity on ``windows`` and accuracy on each task (progress bars if ``progress``)."""
-    result = {"perplexity": perplexity(model, windows, progress=progress)}
+             progress: bool = False, prompt_len: int = 0) -> dict[str, float]:
+    """Perplexity on ``windows`` (decode steps after ``prompt_len`` tokens if > 0) and
+    accuracy on each task (progress bars if ``progress``)."""
+    result = {"perplexity": perplexity(model, windows, progress=progress,
+                                       prompt_len=prompt_len)}
     for task in tasks:
         result[task.name] = task.evaluate(model, progress=progress)
     return result
+
+
+def decides_at_prompt(spec: str) -> bool:
+    """Whether the method of ``spec`` fixes its active sets from the prompt (``coreinfer``),
+    so that a whole-window forward (perplexity, the accuracy tasks) runs it densely."""
+    from sparseffn.methods import method_class
+
+    return method_class(parse_method(spec)["method"]).decides_at_prompt
+
+
+def check_prompt_len(methods: Sequence[str], prompt_len: int) -> None:
+    """Refuse methods that decide at the prompt unless perplexity is read on decode steps."""
+    at_prompt = [m for m in methods if decides_at_prompt(m)]
+    if at_prompt and not prompt_len:
+        raise SparseFFNError(
+            f"{at_prompt} choose their neurons from the prompt and compute the prompt densely, "
+            "so a whole-window perplexity measures the dense model; pass a prompt length "
+            "(--prompt-len, e.g. half of --seq-len) to score the decode steps after it")
 
 
 def sparsified(model: nn.Module, tokenizer: Any, methods: Sequence[str],
@@ -106,8 +126,12 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                   eval_tokens: int = 4096, seq_len: int = 512, n_tokens: int = 16384,
                   n_items: int = 200, log=print,
                   on_row: Callable[[list[QualityRow]], None] | None = None,
-                  decode_tokens: int = 0) -> list[QualityRow]:
+                  decode_tokens: int = 0, prompt_len: int = 0) -> list[QualityRow]:
     """Dense plus every (method, sparsity) pair, each measured on the same held-out data.
+
+    ``prompt_len`` > 0: perplexity is read on decode steps after that many prompt tokens of
+    each window, for dense and every method (``perplexity``); methods that decide at the
+    prompt need it, and their task accuracies (whole-window forwards) are NaN.
 
     With ``decode_tokens``, each row also times greedy decoding of that many tokens
     (``sparseffn.eval.speed``), dense and sparse in the same run on this machine.
@@ -117,12 +141,13 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
     """
     from sparseffn.data import token_windows
 
+    check_prompt_len(methods, prompt_len)
     windows = token_windows(tokenizer, eval_texts, eval_tokens, seq_len, "evaluation")
     tasks = build_tasks(tokenizer, eval_texts, n_items)
     start = time.time()
     log(f"dense: perplexity on {windows.numel()} tokens and {len(tasks)} tasks of {n_items} "
         "items ...")
-    dense = evaluate(model, windows, tasks, progress=True)
+    dense = evaluate(model, windows, tasks, progress=True, prompt_len=prompt_len)
     rows = [QualityRow("dense", 0.0, 0.0, 0.0, 0.0, dense["perplexity"],
                        dense["next_sentence"], dense["last_word"], time.time() - start,
                        _speed(model, decode_tokens), n_items)]
@@ -133,9 +158,10 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
                                   n_tokens, seq_len, log):
         start = time.time()
         # Measured sparsity is read over the perplexity windows only: held-out text.
-        ppl = perplexity(model, windows, progress=True)
+        ppl = perplexity(model, windows, progress=True, prompt_len=prompt_len)
         report = sparseffn.sparsity_report(model)
-        accs = {task.name: task.evaluate(model, progress=True) for task in tasks}
+        accs = {task.name: math.nan if decides_at_prompt(spec)
+                else task.evaluate(model, progress=True) for task in tasks}
         rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
                                report.all_bytes_skipped, ppl, accs["next_sentence"],
                                accs["last_word"], time.time() - start,

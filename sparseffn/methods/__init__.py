@@ -13,7 +13,8 @@ The built-in criteria register themselves when this package is imported; see
 from sparseffn.methods.base import (ACT_SITE, FitContext, InputMethod, Method, NeuronGate,
                                     StatSpec, get_method, method_class, method_names,
                                     methods_table, register_method)
-from sparseffn.methods import teal, wina, cats, chess, topk, predictor  # noqa: F401,E402,I001
+from sparseffn.methods import (teal, wina, cats, chess, topk, predictor,  # noqa: F401,E402,I001
+                               coreinfer)
 
 #: The method ``sparsify`` and the CLI use when none is named.
 DEFAULT_METHOD = chess.Chess.name

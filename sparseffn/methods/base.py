@@ -70,6 +70,9 @@ class Method(ABC):
             fixed-threshold fine-tuning trains with).
         trained: it trains parts of its own on the calibration text (``train``), which makes
             it slow to calibrate (left out of default sweeps).
+        decides_at_prompt: it computes a prompt densely and fixes each sequence's active set
+            from it for the decode steps (CoreInfer), so only decode-step perplexity
+            (``perplexity(..., prompt_len=P)``) measures it.
     """
 
     name: ClassVar[str]
@@ -80,6 +83,7 @@ class Method(ABC):
     gates_inputs: ClassVar[bool] = False
     act_threshold: ClassVar[bool] = False
     trained: ClassVar[bool] = False
+    decides_at_prompt: ClassVar[bool] = False
 
     def __init__(self, spec: FamilySpec) -> None:
         self.spec = spec

@@ -23,7 +23,8 @@ class ActThresholdGate(NeuronGate):
         super().__init__()
         self.register_buffer("value", own_copy(threshold, device))
 
-    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, act: torch.Tensor,
+             up: torch.Tensor | None = None) -> torch.Tensor:
         return above(act.abs(), self.value)
 
     def threshold(self) -> torch.Tensor:

@@ -46,7 +46,8 @@ class PredictorGate(NeuronGate):
         """x [..., H] -> neuron scores [..., I] (higher: more likely needed)."""
         return F.linear(F.linear(x, self.pred_a), self.pred_b)
 
-    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, act: torch.Tensor,
+             up: torch.Tensor | None = None) -> torch.Tensor:
         return above(self.scores(x), self.value)
 
     def threshold(self) -> torch.Tensor:

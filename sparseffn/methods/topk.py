@@ -26,7 +26,8 @@ class TopKGate(NeuronGate):
     def k(self) -> int:
         return self.intermediate - round(self.sparsity * self.intermediate)
 
-    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, act: torch.Tensor,
+             up: torch.Tensor | None = None) -> torch.Tensor:
         magnitude = act.abs()
         keep = magnitude.topk(self.k, dim=-1).indices
         return torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)

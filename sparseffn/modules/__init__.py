@@ -2,8 +2,9 @@
 with the kernel path on decode steps; see ``sparseffn.dispatch``)."""
 from sparseffn.modules.base import SiteCounter, SparseModule, above, own_copy, set_buffer
 from sparseffn.modules.linear import InputGroup, SparseLinear
-from sparseffn.modules.mlp import ACT_SITE, ROTATION_EXTRA, NeuronGate, SparseGatedMLP
+from sparseffn.modules.mlp import (ACT_SITE, ROTATION_EXTRA, NeuronGate, SparseGatedMLP,
+                                   start_sequences)
 
 __all__ = ["ACT_SITE", "ROTATION_EXTRA", "InputGroup", "NeuronGate", "SiteCounter",
-           "SparseGatedMLP",
-           "SparseLinear", "SparseModule", "above", "own_copy", "set_buffer"]
+           "SparseGatedMLP", "SparseLinear", "SparseModule", "above", "own_copy", "set_buffer",
+           "start_sequences"]

@@ -28,8 +28,11 @@ class NeuronGate(nn.Module):
     #: its gate row where the gate decides without computing gate(x).
     rows_per_neuron: int = 2
 
-    def mask(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """Active neurons, bool [..., I], from the MLP input x [..., H] and act(gate(x))."""
+    def mask(self, x: torch.Tensor, act: torch.Tensor,
+             up: torch.Tensor | None = None) -> torch.Tensor:
+        """Active neurons, bool [..., I], from the MLP input x [..., H], act(gate(x)) [..., I]
+        and up(x) [..., I] (the reference path passes it; a decode plan that has not computed
+        it passes None)."""
         raise NotImplementedError
 
     def threshold(self) -> torch.Tensor:
@@ -55,6 +58,20 @@ class NeuronGate(nn.Module):
 
     def overhead_elements(self) -> int:
         return 0
+
+    def start_sequences(self, prompt_mask: torch.Tensor | None = None) -> None:
+        """New sequences begin: the next forward is their prompt. ``prompt_mask`` [B, P] (1 on
+        real tokens, 0 on padding) says which prompt tokens are real. A no-op for gates that
+        decide per token; gates that decide from the prompt (``sparseffn.methods.coreinfer``)
+        start over."""
+
+
+def start_sequences(model: nn.Module, prompt_mask: torch.Tensor | None = None) -> None:
+    """Tell every neuron gate of ``model`` that new sequences begin (``NeuronGate.
+    start_sequences``); ``generate`` calls it before each prompt. Harmless on any model."""
+    for module in model.modules():
+        if isinstance(module, NeuronGate):
+            module.start_sequences(prompt_mask)
 
 
 class SparseGatedMLP(SparseModule):
@@ -283,7 +300,7 @@ class SparseGatedMLP(SparseModule):
             observe("up", up)
         if self.neuron_gate is not None:
             mask = self.site_mask(ACT_SITE, act.abs()) if ACT_SITE in self.shared_keep \
-                else self.neuron_gate.mask(x, act)
+                else self.neuron_gate.mask(x, act, up)
             self.count(ACT_SITE, mask.expand_as(act))
             h = torch.where(mask, act * up, 0)
         else:
