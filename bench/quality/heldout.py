@@ -34,9 +34,17 @@ def setup(a: argparse.Namespace, prompt_len: int = 0
     model, tok = sparseffn.load_builtin_model()
     evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
                               purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w, prompt_len=prompt_len) for d, w in evals.items()}
+    dense = {d: perplexity(model, w, batch(a, prompt_len), prompt_len=prompt_len)
+             for d, w in evals.items()}
     print(f"dense perplexity {dense}", flush=True)
     return model, tok, evals, dense
+
+
+def batch(a: argparse.Namespace, prompt_len: int | None = None) -> int:
+    """Windows per forward: 4 for whole windows; all of them for decode steps after a prompt,
+    whose one-token forwards cost their fixed overhead per call."""
+    prompt_len = getattr(a, "prompt_len", 0) if prompt_len is None else prompt_len
+    return a.windows if prompt_len else 4
 
 
 def calibration_windows(tok, a: argparse.Namespace) -> torch.Tensor:

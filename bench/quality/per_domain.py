@@ -47,7 +47,7 @@ def run(a: argparse.Namespace) -> list[dict]:
                 row = {"spec": spec, "target": level}
                 for d, windows in evals.items():
                     sparseffn.reset_sparsity_stats(model)
-                    ppl = perplexity(model, windows, prompt_len=a.prompt_len)
+                    ppl = perplexity(model, windows, heldout.batch(a), prompt_len=a.prompt_len)
                     report = sparseffn.sparsity_report(model)
                     row[f"all_bytes_skipped_{d}"] = round(report.all_bytes_skipped, 4)
                     row[f"ffn_bytes_skipped_{d}"] = round(report.ffn_bytes_skipped, 4)
