@@ -122,7 +122,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from sparseffn.data import load_texts
-    from sparseffn.eval.sweep import markdown_table, plot, quality_sweep, write_csv
+    from sparseffn.eval.sweep import (check_prompt_len, markdown_table, plot, quality_sweep,
+                                      write_csv)
     _configs(args.methods, args.sparsities, "--methods/--sparsities")
     load_texts(args.data, "calibration")  # refuse a bad source before loading the model
     if args.harness == "lm-eval":
@@ -130,6 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not 0 <= args.prompt_len < args.seq_len - 1:
         raise _flag_error("--prompt-len", f"must be in [0, {args.seq_len - 2}] (below "
                           f"--seq-len {args.seq_len}), got {args.prompt_len}")
+    check_prompt_len(args.methods, args.prompt_len)
     if args.tasks or args.limit is not None:
         from sparseffn.errors import SparseFFNError
         raise SparseFFNError("--tasks and --limit are lm-eval options: add --harness lm-eval")
@@ -236,8 +238,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     dense = evaluate(model, windows, tasks, progress=True, prompt_len=prompt_len)
     dense_speed = decode_speed(model, new_tokens=args.decode_tokens) \
         if args.decode_tokens else None
+    from sparseffn.methods import method_class
+    source = f"on {args.tokens} tokens of {args.data}" \
+        if method_class(args.method).needs_calibration else "(no calibration text needed)"
     print(f"  done in {time.time() - phase:.0f} s; calibrating {args.method} at "
-          f"{args.sparsity} on {args.tokens} tokens of {args.data} ...", flush=True)
+          f"{args.sparsity} {source} ...", flush=True)
     phase = time.time()
     sparseffn.sparsify(model, args.method, args.sparsity, args.data, tokenizer=tokenizer,
                        scope=args.scope, n_tokens=args.tokens)

@@ -28,6 +28,9 @@ def no_model(monkeypatch):
     (["eval", "--sparsities", "0.5", "1.5"], "--sparsities"),
     (["eval", "--eval-data", "no-such-source"], ""),
     (["demo", "--sparsity", "1.5"], "--sparsity"),
+    (["eval", "--methods", "chess", "coreinfer"], "--prompt-len"),
+    (["eval", "--methods", "chess", "--prompt-len", "600"], "--prompt-len"),
+    (["eval", "--methods", "coreinfer", "--harness", "lm-eval"], "--prompt-len"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, flag, tmp_path, no_model, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
