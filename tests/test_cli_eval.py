@@ -57,3 +57,22 @@ def test_quality_sweep_rows_csv_and_plot(tmp_path, builtin):
     plot(rows, tmp_path / "r.png", "test")
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert not sparseffn.is_sparsified(model)
+
+
+def test_quality_sweep_scores_decode_steps_for_methods_that_decide_at_the_prompt(builtin):
+    """With a prompt length, dense and every method are read on the decode steps; coreinfer's
+    tasks are not measured (NaN) and its sparsity is the decode steps' own."""
+    import math
+
+    model, tokenizer = builtin
+    texts = load_texts("pydoc", "eval")
+    rows = quality_sweep(model, tokenizer, ["coreinfer", "topk"], [0.0, 0.5], "pydoc", texts,
+                         eval_tokens=512, seq_len=128, n_tokens=1024, n_items=4,
+                         log=lambda _: None, prompt_len=96)
+    assert [r.method for r in rows] == ["dense", "coreinfer", "coreinfer", "topk", "topk"]
+    dense = rows[0].perplexity
+    assert rows[1].perplexity == pytest.approx(dense, rel=1e-4)  # coreinfer keeping all
+    assert rows[2].perplexity > rows[3].perplexity and rows[2].measured == pytest.approx(0.5)
+    assert math.isnan(rows[2].next_sentence) and not math.isnan(rows[4].next_sentence)
+    assert rows[4].perplexity > rows[3].perplexity == pytest.approx(dense, rel=1e-4)
+    assert not sparseffn.is_sparsified(model)
