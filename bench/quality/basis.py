@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 from torch import nn
 
 from bench.quality import heldout
-from bench.quality.heldout import DOMAINS
 from bench.quality.lowrank import sample_inputs
-from sparseffn.eval.perplexity import perplexity
 
 BASES = ("none", "calib", "svd_gate", "svd_gate_w", "svd_gate_up", "svd_gate_up_w")
 
@@ -87,24 +84,12 @@ def run(a: argparse.Namespace) -> list[dict]:
         bases = {i: basis(kind, samples[(i, "mlp")], layer.mlp)
                  for i, layer in enumerate(model.model.layers)}
         for level in a.levels:
-            t0 = time.time()
             row = {"basis": kind, "level": level}
-            ppl = {}
-            for d, windows in evals.items():
-                tally = [0.0, 0.0]
-                handles = install(model, samples, bases, level, tally)
-                try:
-                    ppl[d] = perplexity(model, windows)
-                finally:
-                    for h in handles:
-                        h.remove()
-                row[f"measured_{d}"] = round(tally[0] / tally[1], 4)
-            heldout.add_perplexities(row, ppl, dense)
+            heldout.hooked_point(
+                model, evals, dense,
+                lambda tally: install(model, samples, bases, level, tally),
+                row, f"{kind:<14} level {level:.2f}")
             rows.append(row)
-            print(f"{kind:<14} level {level:.2f}: " + ", ".join(
-                f"{DOMAINS[d]} sparsity {row[f'measured_{d}']:.3f} "
-                f"+{100 * row[f'increase_{d}']:.1f}%" for d in DOMAINS)
-                + f"  [{time.time() - t0:.0f} s]", flush=True)
             heldout.write(rows, a)
     return rows
 

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.quality import heldout
-from bench.quality.heldout import DOMAINS
 from bench.quality.lowrank import groups, sample_inputs
-from sparseffn.eval.perplexity import perplexity
 
 CENTRES = ("none", "mode", "mean", "median")
 
@@ -88,24 +85,12 @@ def run(a: argparse.Namespace) -> list[dict]:
     for kind in a.centres:
         centres = {key: centre_of(x, kind) for key, x in samples.items()}
         for level in a.levels:
-            t0 = time.time()
             row = {"centre": kind, "level": level}
-            ppl = {}
-            for d, windows in evals.items():
-                tally = [0.0, 0.0]
-                handles = install(model, samples, centres, level, tally)
-                try:
-                    ppl[d] = perplexity(model, windows)
-                finally:
-                    for h in handles:
-                        h.remove()
-                row[f"measured_{d}"] = round(tally[0] / tally[1], 4)
-            heldout.add_perplexities(row, ppl, dense)
+            heldout.hooked_point(
+                model, evals, dense,
+                lambda tally: install(model, samples, centres, level, tally),
+                row, f"{kind:<6} level {level:.2f}")
             rows.append(row)
-            print(f"{kind:<6} level {level:.2f}: " + ", ".join(
-                f"{DOMAINS[d]} sparsity {row[f'measured_{d}']:.3f} "
-                f"+{100 * row[f'increase_{d}']:.1f}%" for d in DOMAINS)
-                + f"  [{time.time() - t0:.0f} s]", flush=True)
             heldout.write(rows, a)
     return rows
 

@@ -4,6 +4,8 @@ arguments that size them."""
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,17 +36,16 @@ def setup(a: argparse.Namespace, prompt_len: int = 0
     model, tok = sparseffn.load_builtin_model()
     evals = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len, a.seq_len,
                               purpose="evaluation")[:a.windows] for d in DOMAINS}
-    dense = {d: perplexity(model, w, batch(a, prompt_len), prompt_len=prompt_len)
+    dense = {d: perplexity(model, w, batch(a.windows, prompt_len), prompt_len=prompt_len)
              for d, w in evals.items()}
     print(f"dense perplexity {dense}", flush=True)
     return model, tok, evals, dense
 
 
-def batch(a: argparse.Namespace, prompt_len: int | None = None) -> int:
-    """Windows per forward: 4 for whole windows; all of them for decode steps after a prompt,
-    whose one-token forwards cost their fixed overhead per call."""
-    prompt_len = getattr(a, "prompt_len", 0) if prompt_len is None else prompt_len
-    return a.windows if prompt_len else 4
+def batch(windows: int, prompt_len: int) -> int:
+    """Windows per forward: 4 for whole windows; all ``windows`` for decode steps after a
+    prompt, whose one-token forwards cost their fixed overhead per call."""
+    return windows if prompt_len else 4
 
 
 def calibration_windows(tok, a: argparse.Namespace) -> torch.Tensor:
@@ -78,3 +79,25 @@ def run_hooked(model: nn.Module, windows: torch.Tensor, handles: list) -> None:
     finally:
         for h in handles:
             h.remove()
+
+
+def hooked_point(model: nn.Module, evals: dict[str, torch.Tensor], dense: dict[str, float],
+                 install: Callable[[list[float]], list], row: dict, label: str) -> None:
+    """One probe point: for each domain, hooks from ``install(tally)`` (which count
+    [dropped, total] into ``tally``) around a perplexity pass, removed after it; adds
+    ``measured_{domain}`` and the perplexities to ``row`` and prints it after ``label``."""
+    t0 = time.time()
+    ppl = {}
+    for d, windows in evals.items():
+        tally = [0.0, 0.0]
+        handles = install(tally)
+        try:
+            ppl[d] = perplexity(model, windows)
+        finally:
+            for h in handles:
+                h.remove()
+        row[f"measured_{d}"] = round(tally[0] / tally[1], 4)
+    add_perplexities(row, ppl, dense)
+    print(f"{label}: " + ", ".join(
+        f"{DOMAINS[d]} sparsity {row[f'measured_{d}']:.3f} +{100 * row[f'increase_{d}']:.1f}%"
+        for d in DOMAINS) + f"  [{time.time() - t0:.0f} s]", flush=True)

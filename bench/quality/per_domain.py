@@ -29,7 +29,6 @@ from sparseffn.eval.sweep import check_prompt_len, parse_method
 from sparseffn.families import window_bos
 
 
-
 def run(a: argparse.Namespace) -> list[dict]:
     model, tok, evals, dense = heldout.setup(a, a.prompt_len)
     # Several sources: an equal share of 512-token windows from each (sparsify's own window
@@ -47,7 +46,8 @@ def run(a: argparse.Namespace) -> list[dict]:
                 row = {"spec": spec, "target": level}
                 for d, windows in evals.items():
                     sparseffn.reset_sparsity_stats(model)
-                    ppl = perplexity(model, windows, heldout.batch(a), prompt_len=a.prompt_len)
+                    ppl = perplexity(model, windows, heldout.batch(a.windows, a.prompt_len),
+                                     prompt_len=a.prompt_len)
                     report = sparseffn.sparsity_report(model)
                     row[f"all_bytes_skipped_{d}"] = round(report.all_bytes_skipped, 4)
                     row[f"ffn_bytes_skipped_{d}"] = round(report.ffn_bytes_skipped, 4)

@@ -160,8 +160,9 @@ def quality_sweep(model: nn.Module, tokenizer: Any, methods: Sequence[str],
         # Measured sparsity is read over the perplexity windows only: held-out text.
         ppl = perplexity(model, windows, progress=True, prompt_len=prompt_len)
         report = sparseffn.sparsity_report(model)
-        accs = {task.name: math.nan if decides_at_prompt(spec)
-                else task.evaluate(model, progress=True) for task in tasks}
+        at_prompt = decides_at_prompt(spec)  # its whole-window tasks would run densely
+        accs = {task.name: math.nan if at_prompt else task.evaluate(model, progress=True)
+                for task in tasks}
         rows.append(QualityRow(spec, level, report.overall, report.ffn_bytes_skipped,
                                report.all_bytes_skipped, ppl, accs["next_sentence"],
                                accs["last_word"], time.time() - start,

@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseffn import decode
-from sparseffn.methods.base import Method, StatSpec, register_method
-from sparseffn.modules import ACT_SITE, NeuronGate, SparseGatedMLP
+from sparseffn.methods.base import register_method
+from sparseffn.methods.gates import FractionGate, FractionMethod
+from sparseffn.modules import ACT_SITE, SparseGatedMLP
 
 
-class CoreGate(NeuronGate):
+class CoreGate(FractionGate):
     """Decode steps keep each sequence's prompt-chosen core neurons; prompts run densely.
 
-    Its "threshold" is the sparsity. Buffer ``core``: bool [B, I], the sequences' core sets
+    Its "threshold" is the sparsity; a new level applies from the next prompt (held core sets
+    keep their size). Buffer ``core``: bool [B, I], the sequences' core sets
     (updated in place while the batch size holds, so a captured CUDA graph reads the new sets).
     Decode plan: ``sparse_gated_mlp`` with the core set as mask, which reads the gate, up and
     down rows of core neurons only.
@@ -37,17 +39,11 @@ class CoreGate(NeuronGate):
     rows_per_neuron = 3  # gate row, up row, down column
 
     def __init__(self, sparsity: float, intermediate: int, device: torch.device) -> None:
-        super().__init__()
-        self.sparsity = float(sparsity)
-        self.intermediate = intermediate
+        super().__init__(sparsity, intermediate)
         self.register_buffer("core", torch.zeros(0, intermediate, dtype=torch.bool,
                                                  device=device), persistent=False)
         self._starting = True
         self._prompt_mask: torch.Tensor | None = None
-
-    @property
-    def k(self) -> int:
-        return self.intermediate - round(self.sparsity * self.intermediate)
 
     def start_sequences(self, prompt_mask: torch.Tensor | None = None) -> None:
         self._starting = True
@@ -85,13 +81,6 @@ class CoreGate(NeuronGate):
             return torch.ones_like(act, dtype=torch.bool)
         return self.core[:, None, :].expand_as(act)
 
-    def threshold(self) -> torch.Tensor:
-        return torch.tensor(self.sparsity)
-
-    def set_threshold(self, value: torch.Tensor) -> None:
-        # Held core sets keep their size: the new level applies from the next prompt.
-        self.sparsity = float(value)
-
     def has_decode_plan(self, kernel_act: str | None) -> bool:
         return kernel_act is not None
 
@@ -112,20 +101,12 @@ class CoreGate(NeuronGate):
 
 
 @register_method
-class CoreInfer(Method):
+class CoreInfer(FractionMethod):
     name = "coreinfer"
     criterion = "the k neurons of largest mean \\|act(gate(x)) * up(x)\\| over the prompt"
     granularity = "per sequence, fixed from its prompt (prompt dense, no calibration text)"
     skips = "rows of gate and up, columns of down (decode steps)"
-    needs_calibration = False
     decides_at_prompt = True
-
-    def stat_specs(self, scope: str) -> tuple[StatSpec, ...]:
-        return ()
-
-    def fit(self, stats: dict[str, torch.Tensor], site: str, sparsity: float) -> torch.Tensor:
-        # As for top-k, the "threshold" is the fraction of neurons left out of the core set.
-        return torch.tensor(float(sparsity))
 
     def neuron_gate(self, mlp: nn.Module, threshold: torch.Tensor,
                     extras: dict[str, torch.Tensor]) -> CoreGate:

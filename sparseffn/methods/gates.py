@@ -1,5 +1,5 @@
-"""The runtime gate shared by the criteria that threshold |act(gate(x))| per neuron, and the
-base of those criteria."""
+"""The runtime gates shared by the neuron criteria, and their bases: a threshold on
+|act(gate(x))| per neuron (CATS, CHESS), or a fixed number of neurons kept (top-k, coreinfer)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseffn import decode
-from sparseffn.methods.base import Method
+from sparseffn.methods.base import Method, StatSpec
 from sparseffn.modules import ACT_SITE, NeuronGate, SparseGatedMLP, above, own_copy, set_buffer
 
 
@@ -64,3 +64,37 @@ class ActThresholdMethod(Method):
     def neuron_gate(self, mlp: nn.Module, threshold: torch.Tensor,
                     extras: dict[str, torch.Tensor]) -> ActThresholdGate:
         return ActThresholdGate(threshold, mlp.down_proj.weight.device)
+
+
+class FractionGate(NeuronGate):
+    """A gate that keeps ``k = I - round(sparsity * I)`` neurons, chosen by its subclass; its
+    "threshold" is the sparsity itself."""
+
+    def __init__(self, sparsity: float, intermediate: int) -> None:
+        super().__init__()
+        self.sparsity = float(sparsity)
+        self.intermediate = intermediate
+
+    @property
+    def k(self) -> int:
+        return self.intermediate - round(self.sparsity * self.intermediate)
+
+    def threshold(self) -> torch.Tensor:
+        return torch.tensor(self.sparsity)
+
+    def set_threshold(self, value: torch.Tensor) -> None:
+        self.sparsity = float(value)
+
+
+class FractionMethod(Method):
+    """A criterion that keeps a fixed fraction of the neurons and needs no calibration text
+    (top-k, coreinfer): its "threshold" is the fraction switched off, which the gate turns
+    into k for its width."""
+
+    needs_calibration = False
+
+    def stat_specs(self, scope: str) -> tuple[StatSpec, ...]:
+        return ()
+
+    def fit(self, stats: dict[str, torch.Tensor], site: str, sparsity: float) -> torch.Tensor:
+        return torch.tensor(float(sparsity))
