@@ -9,6 +9,13 @@ path) and cheap: a fraction of a second per shape, measured cold (the weights ro
 copies to miss the last-level cache, as a model's weights do when it decodes), interleaved with
 the reference product, best of several rounds; cached per shape for the process, so modules of
 one shape (and the members of a q/k/v group, which decide together) always agree.
+
+Batches are decided the same way (``batch_limit``): at batch B the op reads the union of the
+sequences' active rows, which with per-token sets is most rows, so batches up to B take the path
+only where the op reading every row for B sequences is no slower than ``F.linear`` on B tokens.
+The probe stops at batch 4: on a 2-core EPYC with SmolLM2, batch 4 decoded 1.29-1.38x faster
+than dense through the ops, while at batch 16 the products still won by 1.1-1.4x in the probe
+but whole decode steps tied dense (0.94-1.09x, docs/e2e.md), so larger batches decode densely.
 """
 from __future__ import annotations
 
@@ -26,27 +33,30 @@ log = logging.getLogger("sparseffn")
 _COLD_BYTES = 96 << 20
 _ROUNDS = 5
 
-_TIMES: dict[tuple[tuple[int, int], torch.dtype], tuple[float, float]] = {}
+#: Batch sizes the probe measures beyond 1, in increasing order (``batch_limit``).
+PROBE_BATCHES = (4,)
+
+_TIMES: dict[tuple[tuple[int, int], torch.dtype, int], tuple[float, float]] = {}
 _WARNED = False
 
 
-def probe(shape: tuple[int, int], dtype: torch.dtype) -> tuple[float, float]:
+def probe(shape: tuple[int, int], dtype: torch.dtype, batch: int = 1) -> tuple[float, float]:
     """(seconds per call of the CPU op over every row, of the reference path's masked
-    ``F.linear``) for a weight [out, in] = ``shape`` of ``dtype`` and one token, on this
+    ``F.linear``) for a weight [out, in] = ``shape`` of ``dtype`` and ``batch`` tokens, on this
     machine's torch threads."""
-    key = (tuple(shape), dtype)
+    key = (tuple(shape), dtype, batch)
     if key not in _TIMES:
-        _TIMES[key] = _measure(*shape, dtype)
+        _TIMES[key] = _measure(*shape, dtype, batch)
     return _TIMES[key]
 
 
-def _measure(n: int, k: int, dtype: torch.dtype) -> tuple[float, float]:
+def _measure(n: int, k: int, dtype: torch.dtype, batch: int = 1) -> tuple[float, float]:
     size = n * k * torch.finfo(dtype).bits // 8
     copies = max(2, min(256, -(-_COLD_BYTES // size)))
     g = torch.Generator().manual_seed(0)
     ws = torch.randn(copies, n, k, generator=g).to(dtype)
     w_ts = ws.transpose(1, 2).contiguous()
-    x = torch.randn(1, k, generator=g).to(dtype)
+    x = torch.randn(batch, k, generator=g).to(dtype)
     every_row = torch.tensor(-1.0)
     best_op = best_ref = float("inf")
     with torch.no_grad():
@@ -62,10 +72,10 @@ def _measure(n: int, k: int, dtype: torch.dtype) -> tuple[float, float]:
     return best_op, best_ref
 
 
-def cpu_path_pays(weights: list[torch.Tensor]) -> bool:
+def cpu_path_pays(weights: list[torch.Tensor], batch: int = 1) -> bool:
     """Whether the CPU decode path is at least as fast as the reference path for these weights
-    (the ones the path reads sparsely), summed over them; False where the CPU ops are
-    unavailable (logged once, with the reason)."""
+    (the ones the path reads sparsely) at ``batch`` tokens, summed over them; False where the
+    CPU ops are unavailable (logged once, with the reason)."""
     global _WARNED
     if not cpu_ops.available():
         if not _WARNED:
@@ -75,6 +85,18 @@ def cpu_path_pays(weights: list[torch.Tensor]) -> bool:
         return False
     op = ref = 0.0
     for w in weights:
-        t_op, t_ref = probe(tuple(w.shape), w.dtype)
+        t_op, t_ref = probe(tuple(w.shape), w.dtype, batch)
         op, ref = op + t_op, ref + t_ref
     return op <= ref
+
+
+def batch_limit(weights: list[torch.Tensor]) -> int:
+    """The largest decode batch at which the CPU path pays for these weights: the last of
+    ``PROBE_BATCHES`` before the first where it does not (1 if it pays at none of them; call it
+    only where ``cpu_path_pays(weights)``)."""
+    limit = 1
+    for batch in PROBE_BATCHES:
+        if not cpu_path_pays(weights, batch):
+            break
+        limit = batch
+    return limit

@@ -21,16 +21,17 @@ from torch import nn
 
 import triton_kernels
 import triton_kernels.cpu
-from sparseffn.cpu_probe import cpu_path_pays
+from sparseffn.cpu_probe import batch_limit, cpu_path_pays
 from sparseffn.errors import SparseFFNError
 
 
 class KernelMode(str, Enum):
     """Where decode steps run the Triton kernels.
 
-    AUTO: at batch 1 on CUDA tensors, and on CPU tensors through the compiled CPU ops where
-    they measure at least as fast as dense for the module's shapes (``sparseffn.cpu_probe``);
-    larger batches measured slower than dense and decode densely. ALWAYS: any decode batch up
+    AUTO: at batch 1 on CUDA tensors (larger batches measured slower than dense and decode
+    densely), and on CPU tensors through the compiled CPU ops where they measure at least as
+    fast as dense for the module's shapes, at batch 1 and at each batch up to the probed limit
+    (``sparseffn.cpu_probe``). ALWAYS: any decode batch up
     to ``MAX_DECODE_BATCH`` on every device (on the CPU through the compiled CPU ops, or the
     Triton interpreter under TRITON_INTERPRET=1 as in the tests). NEVER: the reference path
     everywhere, weights in their original layout (the patched model at sparsity 0 then equals
@@ -54,8 +55,10 @@ class KernelMode(str, Enum):
 
 #: Largest number of sequences a decode step sends to the kernels under ALWAYS.
 MAX_DECODE_BATCH = 16
-#: ... and under AUTO. At batch 4 the union of the sequences' active rows is most rows, and the
-#: sparse path measured slower than dense (docs/e2e.md), so AUTO decodes larger batches densely.
+#: ... and under AUTO on CUDA. At batch 4 the union of the sequences' active rows is most rows,
+#: and the kernels measured slower than dense (docs/e2e.md), so AUTO decodes larger CUDA batches
+#: densely. On the CPU, AUTO takes batches up to the module's probed limit
+#: (``sparseffn.cpu_probe.batch_limit``).
 AUTO_MAX_BATCH = 1
 
 _AVAILABLE: dict[str, bool] = {}
@@ -89,6 +92,12 @@ def takes_kernel_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
     return cpu_path_pays(weights)
 
 
+def cpu_batch_limit(mode: KernelMode, weights: list[torch.Tensor]) -> int:
+    """The largest batch a module whose CPU kernel path reads ``weights`` takes under ``mode``
+    with per-sequence sets: ``MAX_DECODE_BATCH`` under ALWAYS, the probed limit under AUTO."""
+    return MAX_DECODE_BATCH if mode is KernelMode.ALWAYS else batch_limit(weights)
+
+
 def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
     """Whether a kernel path on these weights runs the compiled CPU ops: CPU tensors, except
     under ALWAYS with the Triton interpreter (which the tests run the Triton kernels through)."""
@@ -97,7 +106,8 @@ def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
 
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
-                weight: torch.Tensor, cpu_path: bool = False, shared: bool = False) -> bool:
+                weight: torch.Tensor, cpu_path: bool = False, shared: bool = False,
+                cpu_batch: int = 1) -> bool:
     """Whether this call takes the kernel path.
 
     Args:
@@ -112,13 +122,17 @@ def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.
         shared: the module shares its active sets across the batch (``sparseffn.sharing``):
             a batch then reads at most the rows of one sequence, and under AUTO the CPU ops
             take batches up to ``MAX_DECODE_BATCH`` (docs/e2e.md, "Batch-shared sparsity").
+        cpu_batch: under AUTO, the largest batch the module's CPU path takes with per-sequence
+            sets (``sparseffn.cpu_probe.batch_limit``).
     """
     if not layout_ready or observing or (cpu_path and torch.compiler.is_compiling()):
         return False
     # The path was chosen for the weights' device when the mode was set (takes_kernel_path).
     ok = kernels_on("cuda") if x.device.type == "cuda" else x.device.type == "cpu"
-    max_batch = MAX_DECODE_BATCH if mode is KernelMode.ALWAYS or (shared and cpu_path) \
-        else AUTO_MAX_BATCH
+    if mode is KernelMode.ALWAYS or (shared and cpu_path):
+        max_batch = MAX_DECODE_BATCH
+    else:
+        max_batch = cpu_batch if cpu_path else AUTO_MAX_BATCH
     return (ok and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= max_batch
             and x.dtype == weight.dtype and x.device == weight.device
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))

@@ -79,7 +79,9 @@ def test_kernel_path_shares_like_the_reference_path(spec, path, monkeypatch):
 
 def test_auto_decodes_shared_batches_through_the_cpu_ops(monkeypatch):
     from sparseffn import cpu_probe
-    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype: (1.0, 2.0))
+    # the op pays at batch 1 only: per-token batches of 4 decode on the reference path
+    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype, batch=1: (1.0, 2.0)
+                        if batch == 1 else (2.0, 1.0))
     model = _sparse("teal:all")
     mlp = model.model.layers[0].mlp
     x = torch.randn(4, 1, mlp.base.down_proj.weight.shape[0])

@@ -27,8 +27,8 @@ def cpu_path(monkeypatch):
 
 def _probe_says(monkeypatch, op_faster: bool) -> None:
     """Every shape measures as if the op were (or were not) faster than the reference path."""
-    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype: (1.0, 2.0) if op_faster
-                        else (2.0, 1.0))
+    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype, batch=1: (1.0, 2.0)
+                        if op_faster else (2.0, 1.0))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -83,13 +83,39 @@ def test_auto_falls_back_to_the_reference_path_where_slower(monkeypatch):
         assert all(lin.weight.is_contiguous() for lin in m.kernel_linears())  # no relayout
 
 
+def test_auto_takes_batches_up_to_the_probed_limit(monkeypatch):
+    """Where the op pays at batch 4, per-token batches up to 4 decode through the CPU ops and
+    larger ones on the reference path, and a batch of 4 decodes greedily as the reference path
+    does; where it pays at batch 1 only, batch 2 decodes on the reference path."""
+    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype, batch=1: (1.0, 2.0))
+    model = tiny_model("llama")
+    sparseffn.sparsify(model, "teal", 0.5, IDS, scope="all", n_tokens=1024, progress=False)
+    modules = [m for _, m in sparse_modules(model)]
+    assert modules and all(m._cpu_path and m._cpu_batch == 4 for m in modules)
+    mlp = model.model.layers[0].mlp
+    w = mlp.base.down_proj.weight
+    with torch.no_grad():
+        assert mlp.use_kernels(torch.randn(4, 1, w.shape[0]), w)
+        assert not mlp.use_kernels(torch.randn(5, 1, w.shape[0]), w)
+    prompts = torch.randint(3, 1000, (4, 9), generator=torch.Generator().manual_seed(3))
+    fast = model.generate(prompts, max_new_tokens=8, do_sample=False)
+    sparseffn.set_kernel_mode(model, "never")
+    assert torch.equal(fast, model.generate(prompts, max_new_tokens=8, do_sample=False))
+    monkeypatch.setattr(cpu_probe, "probe", lambda shape, dtype, batch=1: (1.0, 2.0)
+                        if batch == 1 else (2.0, 1.0))
+    sparseffn.set_kernel_mode(model, "auto")
+    assert mlp._cpu_path and mlp._cpu_batch == 1
+    with torch.no_grad():
+        assert not mlp.use_kernels(torch.randn(2, 1, w.shape[0]), w)
+
+
 def test_the_probe_decides_per_shape_once_and_a_group_together(monkeypatch):
     """q, k and v run as one call: they decide on their summed times, so they agree even where
     k/v alone would lose; each shape is measured once."""
     calls = []
 
-    def measure(n, k, dtype):
-        calls.append((n, k))
+    def measure(n, k, dtype, batch=1):
+        calls.append((n, k, batch))
         return (1.0, 1.5) if n == k else (1.0, 0.9)  # q (square) wins, k and v lose
     monkeypatch.setattr(cpu_probe, "_measure", measure)
     monkeypatch.setattr(cpu_probe, "_TIMES", {})
@@ -102,8 +128,9 @@ def test_the_probe_decides_per_shape_once_and_a_group_together(monkeypatch):
     assert len(set(calls)) == len(calls)
 
 
-def test_the_measured_probe_runs_both_products():
-    op, ref = cpu_probe._measure(24, 40, torch.float32)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_measured_probe_runs_both_products(batch):
+    op, ref = cpu_probe._measure(24, 40, torch.float32, batch)
     assert 0 < op < 1 and 0 < ref < 1
 
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from sparseffn import layout
 from sparseffn.decode import above
-from sparseffn.dispatch import (KernelMode, cpu_decode_path, kernels_on, takes_kernel_path,
-                                use_kernels)
+from sparseffn.dispatch import (KernelMode, cpu_batch_limit, cpu_decode_path, kernels_on,
+                                takes_kernel_path, use_kernels)
 from sparseffn.sharing import shared_mask
 
 
@@ -90,6 +90,7 @@ class SparseModule(nn.Module):
         self.kernel_mode = KernelMode.AUTO
         self._layout_ready = False
         self._cpu_path = False  # the kernel path runs the ops' CPU decode path
+        self._cpu_batch = 1  # ... and takes batches up to this many sequences (per-token sets)
         #: Batch-shared sparsity (``sparseffn.sharing``): channels kept per site, for the sites
         #: that share; empty when every sequence keeps its own set.
         self.shared_keep: dict[str, int] = {}
@@ -170,6 +171,7 @@ class SparseModule(nn.Module):
         weights = [lin.weight for lin in linears]
         use = bool(weights) and takes_kernel_path(mode, self.decision_weights())
         self._cpu_path = use and cpu_decode_path(mode, weights)
+        self._cpu_batch = cpu_batch_limit(mode, self.decision_weights()) if self._cpu_path else 1
         for lin in linears:
             if use:
                 layout.make_input_major(lin)
@@ -185,4 +187,4 @@ class SparseModule(nn.Module):
     def use_kernels(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the kernel path (``sparseffn.dispatch.use_kernels``)."""
         return use_kernels(self.kernel_mode, self._layout_ready, self.observe is not None, x,
-                           weight, self._cpu_path, bool(self.shared_keep))
+                           weight, self._cpu_path, bool(self.shared_keep), self._cpu_batch)
