@@ -102,7 +102,7 @@ _KEEP: list = []  # accumulators of the test below stay allocated: graphs may ho
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
     """fullgraph + CUDA graphs: recorded once, replayed on fresh inputs, masks and thresholds
-    (values read at replay, not frozen at capture), at batch 1 and 3, still correct."""
+    (values read at replay, not frozen at capture), still correct."""
     H, I = 4096, 14336
     dt = torch.bfloat16
     (_, w_t), _ = small_args(dt, "cuda", H=H, I=I)["input_sparse_gemv"]
@@ -113,12 +113,11 @@ def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
     _KEEP.append(fresh)
     monkeypatch.setattr(accumulator, "_BUFFERS", fresh)
     compiled = torch.compile(_all_ops, fullgraph=True, mode="reduce-overhead")
-    for batch in (1, 3):
-        for i in range(4):  # warm-up, record, then replays
-            x = torch.randn(batch, H, device="cuda").to(dt)
-            mask = torch.rand(batch, I, device="cuda") < 0.3 + 0.2 * i
-            args = (x, w_t, w, w2, w_down_t, mask, torch.tensor(0.3 * (i + 1), device="cuda"))
-            torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
+    for i in range(4):  # warm-up, record, then replays
+        x = torch.randn(1, H, device="cuda").to(dt)
+        mask = torch.rand(1, I, device="cuda") < 0.3 + 0.2 * i
+        args = (x, w_t, w, w2, w_down_t, mask, torch.tensor(0.3 * (i + 1), device="cuda"))
+        torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
     # The persistent split-K accumulators must lie outside every graph pool (pool id (0, 0)).
     segments = torch.cuda.memory_snapshot()
     for buf in accumulator._BUFFERS.values():
