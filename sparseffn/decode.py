@@ -29,6 +29,13 @@ def above(magnitude: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return magnitude > (threshold if threshold.dim() else threshold.reshape(1))
 
 
+def largest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [..., C]: True at the ``k`` largest entries of ``score`` [..., C] along its last
+    dimension (top-k's and the shared and core sets' choice)."""
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices,
+                                                              True)
+
+
 def _counts(counter) -> torch.Tensor | None:
     return None if counter is None else counter.counts
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from sparseffn.decode import largest
+
 #: Stands in for a zero threshold (sparsity 0): every nonzero input then has an enormous
 #: margin, and ``keep`` is the full width anyway.
 _TINY = 1e-30
@@ -37,8 +39,7 @@ def shared_set(margin: torch.Tensor, keep: int) -> torch.Tensor:
     total = margin.float().sum(0, keepdim=True)
     if keep >= total.shape[-1]:
         return torch.ones_like(total, dtype=torch.bool)
-    idx = total.topk(keep, dim=-1).indices
-    return torch.zeros_like(total, dtype=torch.bool).scatter_(-1, idx, True)
+    return largest(total, keep)
 
 
 def shared_mask(magnitude: torch.Tensor, threshold: torch.Tensor, keep: int) -> torch.Tensor:

@@ -61,8 +61,7 @@ class CoreGate(FractionGate):
                 and mask.shape[1] >= h.shape[1]:
             weight = mask[:, :h.shape[1]].to(device=h.device, dtype=torch.float32)
         score = (magnitude * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1)
-        core = torch.zeros_like(score, dtype=torch.bool).scatter_(
-            -1, score.topk(self.k, dim=-1).indices, True)
+        core = decode.largest(score, self.k)
         if self.core.shape == core.shape:
             self.core.copy_(core)
         else:

@@ -20,9 +20,7 @@ class TopKGate(FractionGate):
 
     def mask(self, x: torch.Tensor, act: torch.Tensor,
              up: torch.Tensor | None = None) -> torch.Tensor:
-        magnitude = act.abs()
-        keep = magnitude.topk(self.k, dim=-1).indices
-        return torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, keep, True)
+        return decode.largest(act.abs(), self.k)
 
     def has_decode_plan(self, kernel_act: str | None) -> bool:
         return True  # the activation runs in torch; only the up and down reads are kernels

@@ -169,9 +169,10 @@ class SparseModule(nn.Module):
         kernels_on("cuda"), kernels_on("cpu")  # cache availability now, not inside a compile
         linears = self.kernel_linears()
         weights = [lin.weight for lin in linears]
-        use = bool(weights) and takes_kernel_path(mode, self.decision_weights())
+        decision = self.decision_weights()
+        use = bool(weights) and takes_kernel_path(mode, decision)
         self._cpu_path = use and cpu_decode_path(mode, weights)
-        self._cpu_batch = cpu_batch_limit(mode, self.decision_weights()) if self._cpu_path else 1
+        self._cpu_batch = cpu_batch_limit(mode, decision) if self._cpu_path else 1
         for lin in linears:
             if use:
                 layout.make_input_major(lin)
