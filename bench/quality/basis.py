@@ -79,19 +79,11 @@ def install(model: nn.Module, samples: dict, bases: dict, level: float, tally: l
 def run(a: argparse.Namespace) -> list[dict]:
     model, tok, evals, dense = heldout.setup(a)
     samples = sample_inputs(model, heldout.calibration_windows(tok, a))
-    rows = []
-    for kind in a.bases:
-        bases = {i: basis(kind, samples[(i, "mlp")], layer.mlp)
-                 for i, layer in enumerate(model.model.layers)}
-        for level in a.levels:
-            row = {"basis": kind, "level": level}
-            heldout.hooked_point(
-                model, evals, dense,
-                lambda tally: install(model, samples, bases, level, tally),
-                row, f"{kind:<14} level {level:.2f}")
-            rows.append(row)
-            heldout.write(rows, a)
-    return rows
+    return heldout.hooked_sweep(
+        a, model, evals, dense, "basis", a.bases,
+        lambda kind: {i: basis(kind, samples[(i, "mlp")], layer.mlp)
+                      for i, layer in enumerate(model.model.layers)},
+        lambda bases, level, tally: install(model, samples, bases, level, tally))
 
 
 def main(argv: list[str] | None = None) -> int:

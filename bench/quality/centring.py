@@ -81,18 +81,10 @@ def install(model: nn.Module, samples: dict, centres: dict, level: float, tally:
 def run(a: argparse.Namespace) -> list[dict]:
     model, tok, evals, dense = heldout.setup(a)
     samples = sample_inputs(model, heldout.calibration_windows(tok, a))
-    rows = []
-    for kind in a.centres:
-        centres = {key: centre_of(x, kind) for key, x in samples.items()}
-        for level in a.levels:
-            row = {"centre": kind, "level": level}
-            heldout.hooked_point(
-                model, evals, dense,
-                lambda tally: install(model, samples, centres, level, tally),
-                row, f"{kind:<6} level {level:.2f}")
-            rows.append(row)
-            heldout.write(rows, a)
-    return rows
+    return heldout.hooked_sweep(
+        a, model, evals, dense, "centre", a.centres,
+        lambda kind: {key: centre_of(x, kind) for key, x in samples.items()},
+        lambda centres, level, tally: install(model, samples, centres, level, tally))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,3 +101,24 @@ def hooked_point(model: nn.Module, evals: dict[str, torch.Tensor], dense: dict[s
     print(f"{label}: " + ", ".join(
         f"{DOMAINS[d]} sparsity {row[f'measured_{d}']:.3f} +{100 * row[f'increase_{d}']:.1f}%"
         for d in DOMAINS) + f"  [{time.time() - t0:.0f} s]", flush=True)
+
+
+def hooked_sweep(a: argparse.Namespace, model: nn.Module, evals: dict[str, torch.Tensor],
+                 dense: dict[str, float], column: str, kinds: list[str],
+                 fit: Callable[[str], object],
+                 install: Callable[[object, float, list[float]], list]) -> list[dict]:
+    """One ``hooked_point`` per (kind, level of ``a.levels``): ``fit(kind)`` once per kind,
+    then hooks from ``install(fitted, level, tally)``; each row names its kind under
+    ``column``, and the CSV is rewritten after every row."""
+    rows = []
+    width = max(len(kind) for kind in kinds)
+    for kind in kinds:
+        fitted = fit(kind)
+        for level in a.levels:
+            row = {column: kind, "level": level}
+            hooked_point(model, evals, dense,
+                         lambda tally: install(fitted, level, tally),
+                         row, f"{kind:<{width}} level {level:.2f}")
+            rows.append(row)
+            write(rows, a)
+    return rows
