@@ -34,7 +34,8 @@ class LaunchConfig:
     elements per row per tile; ``span``: input-sparse only, the rows of K one program owns and
     compacts to its active ones (several K ranges add their fp32 partials atomically);
     ``prefetch``: load the next tile before multiplying the current one (two tiles in flight
-    per program, at twice the registers).
+    per program, at twice the registers); ``fma``: batch > 1 summed with fp32 FMAs in registers,
+    the batch padded to a power of two, instead of tensor-core dots over a batch padded to 16.
     """
 
     rows: int
@@ -42,6 +43,7 @@ class LaunchConfig:
     span: int = 0
     num_warps: int = 4
     prefetch: bool = False
+    fma: bool = False
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

@@ -28,12 +28,16 @@ CPU_CASES = [
     ("token", "silu", (97, 1023), LaunchConfig(32, 64), LaunchConfig(32, 128, 256)),
     ("mask", "gelu_tanh", (33, 4097), LaunchConfig(128, 32, prefetch=True),
      LaunchConfig(16, 64, 1024)),
+    # batch > 1 by FMAs in both passes
+    ("token", "gelu_tanh", (97, 431), LaunchConfig(2, 64, prefetch=True, fma=True),
+     LaunchConfig(8, 64, 128, fma=True)),
 ]
 CUDA_CASES = [
     ("scalar", "silu", (4096, 14336), None, None),
     ("channel", "gelu_tanh", (3584, 18944), None, None),
     ("token", "silu", (1023, 4097), None, None),
     ("mask", "silu", (4096, 14336), None, None),
+    ("token", "gelu_tanh", (2048, 8192), None, None),
 ]
 
 
@@ -70,7 +74,8 @@ def _exact_and_errors(xd: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, act:
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", range(4), ids=[f"{c[0]}-{c[1]}" for c in CPU_CASES])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)),
+                         ids=[f"{c[0]}-{c[1]}" for c in CPU_CASES])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

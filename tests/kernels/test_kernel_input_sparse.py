@@ -18,12 +18,17 @@ CPU_CASES = [
     ("channel", (431, 63), LaunchConfig(16, 64, 128)),  # 4 K ranges meeting through fp32 atomics
     ("token", (1023, 97), LaunchConfig(32, 64, 256, prefetch=True)),  # next tile in flight
     ("mask", (4097, 33), LaunchConfig(16, 32, 1024, prefetch=True)),  # last range: one row
+    # batch > 1 summed with FMAs (batch padded to a power of two), one and several K ranges
+    ("channel", (97, 431), LaunchConfig(8, 64, 128, fma=True)),
+    ("token", (1023, 97), LaunchConfig(4, 64, 256, prefetch=True, fma=True)),
 ]
 CUDA_CASES = [
     ("scalar", (4096, 14336), None),
     ("token", (14336, 4096), None),
     ("channel", (4097, 1023), None),
     ("mask", (14336, 4096), None),
+    ("channel", (4096, 6144), None),
+    ("token", (1023, 431), None),
 ]
 
 
@@ -53,7 +58,7 @@ def make_criterion(x: torch.Tensor, kind: str, sparsity: float):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in CPU_CASES])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)), ids=[c[0] for c in CPU_CASES])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

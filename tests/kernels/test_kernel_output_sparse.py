@@ -18,12 +18,14 @@ CPU_CASES = [
     ((63, 431), LaunchConfig(16, 128, prefetch=True), "strided"),
     ((97, 1023), LaunchConfig(32, 256), "transposed"),
     ((33, 4097), LaunchConfig(16, 512, prefetch=True), "contiguous"),
+    ((97, 431), LaunchConfig(2, 128, fma=True), "strided"),  # batch > 1 by FMAs, 2 rows
 ]
 CUDA_CASES = [
     ((14336, 4096), None, "contiguous"),
     ((4096, 14336), None, "strided"),
     ((1023, 4097), None, "transposed"),
     ((18944, 3584), None, "contiguous"),
+    ((4096, 4096), None, "strided"),
 ]
 
 
@@ -36,7 +38,8 @@ def make_x(batch: int, K: int, dtype: torch.dtype, device: str, layout: str) -> 
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("case", range(4), ids=["431x63", "63x431", "97x1023", "33x4097"])
+@pytest.mark.parametrize("case", range(len(CPU_CASES)),
+                         ids=["431x63", "63x431", "97x1023", "33x4097", "97x431"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

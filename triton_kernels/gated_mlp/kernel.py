@@ -41,7 +41,7 @@ def _gate_up_kernel(
     stride_hb,
     USE_MASK: tl.constexpr, ACT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-    PREFETCH: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr, UPCAST_DOT: tl.constexpr, FMA: tl.constexpr,
 ):
     """h[b, i] = act(Wg[i] . x[b]) * (Wu[i] . x[b]) where active, else 0; h in x's dtype.
 
@@ -68,14 +68,14 @@ def _gate_up_kernel(
         u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
         if tl.max(row_on.to(tl.int32), axis=0) > 0:
             g = rows_dot(wg_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wg, stride_xb,
-                         stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT)
+                         stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT, FMA)
             u = rows_dot(wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wu, stride_xb,
-                         stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT)
+                         stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT, FMA)
         g = _rounded(_activation(_rounded(g, DT), ACT), DT)
         u = _rounded(u, DT)
     else:
         g = rows_dot(wg_ptr, x_ptr, offs_i, i_ok, offs_b, b_ok, H, stride_wg, stride_xb,
-                     stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT)
+                     stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH, UPCAST_DOT, FMA)
         g = _rounded(_activation(_rounded(g, DT), ACT), DT)
         thr = tl.load(thr_ptr + offs_b[:, None] * stride_tb + offs_i[None, :] * stride_ti,
                       mask=bi_ok, other=0.0)
@@ -85,7 +85,7 @@ def _gate_up_kernel(
         if tl.max(row_on.to(tl.int32), axis=0) > 0:
             u = _rounded(rows_dot(wu_ptr, x_ptr, offs_i, row_on, offs_b, b_ok, H, stride_wu,
                                   stride_xb, stride_xh, BLOCK_B, BLOCK_I, BLOCK_H, PREFETCH,
-                                  UPCAST_DOT), DT)
+                                  UPCAST_DOT, FMA), DT)
     h = tl.where(on, g * u, 0.0)
     tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_i[None, :],
              h.to(h_ptr.dtype.element_ty), mask=bi_ok)
@@ -106,7 +106,7 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     _gate_up_kernel[(triton.cdiv(I, cfg.rows),)](
         x, w_gate, w_up, t, m, h, B, I, H, x.stride(0), x.stride(1), w_gate.stride(0),
         w_up.stride(0), t.stride(0), t.stride(1), m.stride(0), m.stride(1), h.stride(0),
-        USE_MASK=mask is not None, ACT=act, BLOCK_B=block_b(B), BLOCK_I=cfg.rows,
-        BLOCK_H=cfg.cols, PREFETCH=cfg.prefetch, UPCAST_DOT=upcast_dot(x.dtype),
+        USE_MASK=mask is not None, ACT=act, BLOCK_B=block_b(B, cfg), BLOCK_I=cfg.rows,
+        BLOCK_H=cfg.cols, PREFETCH=cfg.prefetch, UPCAST_DOT=upcast_dot(x.dtype), FMA=cfg.fma,
         num_warps=cfg.num_warps,
     )
