@@ -35,9 +35,7 @@ class LaunchConfig:
     compacts to its active ones (several K ranges add their fp32 partials atomically);
     ``prefetch``: load the next tile before multiplying the current one (two tiles in flight
     per program, at twice the registers); ``fma``: batch > 1 summed with fp32 FMAs in registers,
-    the batch padded to a power of two, instead of tensor-core dots over a batch padded to 16
-    (0: tensor cores; 1: one [rows, batch, cols] product per tile; 2, input-sparse only: each
-    sequence's tile summed over its rows in turn, as at batch 1).
+    the batch padded to a power of two, instead of tensor-core dots over a batch padded to 16.
     """
 
     rows: int
@@ -45,7 +43,7 @@ class LaunchConfig:
     span: int = 0
     num_warps: int = 4
     prefetch: bool = False
-    fma: int = 0
+    fma: bool = False
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

@@ -29,8 +29,8 @@ CPU_CASES = [
     ("mask", "gelu_tanh", (33, 4097), LaunchConfig(128, 32, prefetch=True),
      LaunchConfig(16, 64, 1024)),
     # batch > 1 by FMAs in both passes
-    ("token", "gelu_tanh", (97, 431), LaunchConfig(2, 64, prefetch=True, fma=1),
-     LaunchConfig(8, 64, 128, fma=1)),
+    ("token", "gelu_tanh", (97, 431), LaunchConfig(2, 64, prefetch=True, fma=True),
+     LaunchConfig(8, 64, 128, fma=True)),
 ]
 CUDA_CASES = [
     ("scalar", "silu", (4096, 14336), None, None),

@@ -19,11 +19,8 @@ CPU_CASES = [
     ("token", (1023, 97), LaunchConfig(32, 64, 256, prefetch=True)),  # next tile in flight
     ("mask", (4097, 33), LaunchConfig(16, 32, 1024, prefetch=True)),  # last range: one row
     # batch > 1 summed with FMAs (batch padded to a power of two), one and several K ranges
-    ("channel", (97, 431), LaunchConfig(8, 64, 128, fma=1)),
-    ("token", (1023, 97), LaunchConfig(4, 64, 256, prefetch=True, fma=1)),
-    # batch > 1 one sequence at a time (fma=2), with masks and with thresholds per token
-    ("mask", (4097, 33), LaunchConfig(8, 32, 1024, prefetch=True, fma=2)),
-    ("token", (97, 431), LaunchConfig(4, 64, 128, fma=2)),
+    ("channel", (97, 431), LaunchConfig(8, 64, 128, fma=True)),
+    ("token", (1023, 97), LaunchConfig(4, 64, 256, prefetch=True, fma=True)),
 ]
 CUDA_CASES = [
     ("scalar", (4096, 14336), None),

@@ -18,7 +18,7 @@ CPU_CASES = [
     ((63, 431), LaunchConfig(16, 128, prefetch=True), "strided"),
     ((97, 1023), LaunchConfig(32, 256), "transposed"),
     ((33, 4097), LaunchConfig(16, 512, prefetch=True), "contiguous"),
-    ((97, 431), LaunchConfig(2, 128, fma=1), "strided"),  # batch > 1 by FMAs, 2 rows
+    ((97, 431), LaunchConfig(2, 128, fma=True), "strided"),  # batch > 1 by FMAs, 2 rows
 ]
 CUDA_CASES = [
     ((14336, 4096), None, "contiguous"),

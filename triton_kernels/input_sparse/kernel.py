@@ -148,39 +148,23 @@ def _input_sparse_kernel(
             w = w_next
         else:
             w = _load_rows(w_ptr, k_idx, stride_wk, offs_n, r_ok, n_ok)
-        k_cur = k_idx
-        if FMA != 2:
-            x_r, on_r = _activity(x_ptr, thr_ptr, mask_ptr, k_cur, offs_b,
-                                  r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk,
-                                  stride_tb, stride_tk, stride_mb, stride_mk, MODE)
+        x_r, on_r = _activity(x_ptr, thr_ptr, mask_ptr, k_idx, offs_b,
+                              r_ok[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
+                              stride_tk, stride_mb, stride_mk, MODE)
         k_idx = tl.load(idx_ptr + base + j + ROWS + r, mask=(j + ROWS + r) < count, other=0,
                         cache_modifier=".cg")
         if PREFETCH:  # the next tile's weights are in flight while this one is summed
             w_next = _load_rows(w_ptr, k_idx, stride_wk, offs_n, (j + ROWS + r) < count, n_ok)
-        if FMA == 2:
-            # One sequence at a time, each summed over the tile's rows inside the thread as at
-            # batch 1 ([ROWS, 1] x loaded in w's layout), then added to its row of acc.
-            wf = w.to(tl.float32)
-            for b in tl.static_range(BLOCK_B):
-                ob = b + tl.arange(0, 1)
-                x_b, on_b = _activity(x_ptr, thr_ptr, mask_ptr, k_cur, ob,
-                                      r_ok[:, None] & (ob < B)[None, :], stride_xb, stride_xk,
-                                      stride_tb, stride_tk, stride_mb, stride_mk, MODE)
-                part = tl.sum(tl.where(on_b, x_b, tl.zeros_like(x_b)).to(tl.float32) * wf,
-                              axis=0)
-                acc += tl.where(offs_b[:, None] == b, part[None, :], 0.0)
+        xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
+        if BLOCK_B == 1:
+            acc += tl.sum(xa.to(tl.float32) * w.to(tl.float32), axis=0)
+        elif FMA:  # [ROWS, BLOCK_B, BLOCK_N] products summed over rows inside each thread
+            acc += tl.sum(xa.to(tl.float32)[:, :, None] * w.to(tl.float32)[:, None, :], axis=0)
+        elif UPCAST_DOT:
+            acc = tl.dot(tl.trans(xa).to(tl.float32), w.to(tl.float32), acc,
+                         input_precision="ieee")
         else:
-            xa = tl.where(on_r, x_r, tl.zeros_like(x_r))
-            if BLOCK_B == 1:
-                acc += tl.sum(xa.to(tl.float32) * w.to(tl.float32), axis=0)
-            elif FMA:  # [ROWS, BLOCK_B, BLOCK_N] products summed over rows inside each thread
-                acc += tl.sum(xa.to(tl.float32)[:, :, None] * w.to(tl.float32)[:, None, :],
-                              axis=0)
-            elif UPCAST_DOT:
-                acc = tl.dot(tl.trans(xa).to(tl.float32), w.to(tl.float32), acc,
-                             input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(xa), w, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(xa), w, acc, input_precision="ieee")
     if BLOCK_B == 1:
         res = acc[None, :]
     else:
@@ -262,7 +246,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
-            PREFETCH=cfg.prefetch, FMA=cfg.fma if B > 1 else 0, num_warps=cfg.num_warps,
+            PREFETCH=cfg.prefetch, FMA=cfg.fma, num_warps=cfg.num_warps,
         )
     except BaseException:
         if acc is not None:  # partial sums may have landed: leave the buffer zeroed
@@ -295,13 +279,11 @@ def candidates(batch: int, K: int, N: int, n_sm: int) -> list[LaunchConfig]:
             # FMA tiles (each thread owns 8 columns, as at batch 1, for every sequence): on an
             # H100 at Llama-3-8B shapes they beat every tensor-core tile at batch 2 and 8, and
             # at batch 4 at high sparsity; prefetching tensor-core tiles never won and are gone.
-            tiles += [(8, 1024, 4, 6, False, 1), (16, 1024, 4, 6, False, 1),
-                      (2, 1024, 4, 6, True, 1), (4, 1024, 4, 6, True, 1)]
-            tiles += [(8, 1024, 4, 6, False, 2), (16, 1024, 4, 6, False, 2),
-                      (8, 1024, 4, 6, True, 2), (8, 1024, 4, 12, False, 2)]
+            tiles += [(8, 1024, 4, 6, False, True), (16, 1024, 4, 6, False, True),
+                      (2, 1024, 4, 6, True, True), (4, 1024, 4, 6, True, True)]
     out: list[LaunchConfig] = []
     for rows, cols, warps, per_sm, *flags in tiles:
-        prefetch, fma = (flags + [False, 0])[:2]
+        prefetch, fma = (flags + [False, False])[:2]
         cols = min(cols, max(16, triton.next_power_of_2(N)))
         n_blocks = triton.cdiv(N, cols)
         want = triton.cdiv(K * n_blocks, per_sm * n_sm)  # rows per program
