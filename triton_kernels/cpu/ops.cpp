@@ -25,7 +25,7 @@ inline float to_f(uint16_t bf) {  // bfloat16: the high half of a float32
 }
 inline float to_f(_Float16 h) { return static_cast<float>(h); }
 
-// Rows requested ahead of the one being summed.
+// Rows requested ahead of the one being summed (2 KB to 24 KB ahead timed the same).
 constexpr int64_t kAhead = 2;
 // Work below this many weight elements runs on one thread: waking the others costs more.
 constexpr int64_t kParallelMin = 1 << 13;
@@ -67,28 +67,38 @@ std::vector<int32_t> active_union(int64_t B, int64_t K, const float* x, const fl
 }
 
 // y[b, :] += sum over r in [r0, r1) of coef[b, rows[r]] * w[rows[r], :]: each weight row is
-// read once for every sequence of the call, and the next row's cache lines are requested while
-// this one is summed (rows are scattered, so the hardware prefetcher cannot guess them).
+// read once for every sequence of the call. Rows are scattered, so the hardware prefetcher
+// cannot guess them: while a row is summed, the row kAhead places later is requested one cache
+// line per line summed. This steady stream read Llama-3-8B-shaped weights 1.3-1.4x faster than
+// requesting each whole row in one burst (which overran the core's outstanding misses).
 template <typename W>
 void accumulate(int64_t B, int64_t K, int64_t N, const int32_t* rows, int64_t r0, int64_t r1,
                 const float* coef, const W* w, int64_t ldw, float* y, int64_t ldy) {
   constexpr int64_t kLine = 64 / sizeof(W);
-  auto prefetch = [&](int64_t r) {
-    const W* next = w + static_cast<int64_t>(rows[r]) * ldw;
-    for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(next + j);
-  };
-  for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r) prefetch(r);
+  for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r) {
+    const W* first = w + static_cast<int64_t>(rows[r]) * ldw;
+    for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(first + j);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t k = rows[r];
-    if (r + kAhead < r1) prefetch(r + kAhead);
     const W* row = w + k * ldw;
+    const W* ahead = r + kAhead < r1 ? w + static_cast<int64_t>(rows[r + kAhead]) * ldw : nullptr;
+    bool requested = false;  // the row ahead, paced by the first sequence that uses this one
     for (int64_t b = 0; b < B; ++b) {
       const float c = coef[b * K + k];
       if (c == 0.f) continue;
       float* yb = y + b * ldy;
+      const bool pace = ahead && !requested;
+      for (int64_t n0 = 0; n0 < N; n0 += kLine) {
+        if (pace) __builtin_prefetch(ahead + n0);
+        const int64_t n1 = std::min(N, n0 + kLine);
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) yb[n] += c * to_f(row[n]);
+        for (int64_t n = n0; n < n1; ++n) yb[n] += c * to_f(row[n]);
+      }
+      requested = true;
     }
+    if (ahead && !requested)
+      for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(ahead + j);
   }
 }
 
