@@ -7,8 +7,10 @@ For each weight shape of the model (q/k/v/o/gate/up/down, input-major as the spa
 them) and sparsity, it times one decode product (batch 1, float32, a threshold at that quantile
 of |x|) over enough weight copies that they never fit in the last-level cache, as in a decode
 step, and ``F.linear`` over the same weights out-major (the dense model's call). Each point is
-the median of ``--rounds`` rounds, the builds and ``F.linear`` interleaved within a round, so a
-slow stretch of a shared machine costs every variant alike. ``--against REV`` builds
+the median of ``--rounds`` rounds, the builds and ``F.linear`` interleaved within a round (an
+``F.linear`` pass before each build's, so that each starts with its weights and their page-table
+entries out of the caches), each build leading its rounds in turn, so that neither a slow
+stretch of a shared machine nor a place in the order favours a variant. ``--against REV`` builds
 ``triton_kernels/cpu/ops.cpp`` as of that git revision beside the working tree's, to measure a
 change of the op in one run. Columns: ``us`` per call, ``gbps`` over the bytes the call needs
 (active rows only), and ``speedup`` over ``F.linear``.
@@ -102,16 +104,20 @@ def time_point(libs: dict[str, ctypes.CDLL], k: int, n: int, sparsity: float,
         if not torch.allclose(y, ref, rtol=1e-4, atol=1e-3):
             raise SystemExit(f"build {name!r} computes a wrong product at K={k} N={n}")
     runs: dict[str, list[float]] = {name: [] for name in [*libs, "F.linear"]}
-    for _ in range(rounds):
-        for name, lib in libs.items():
+    names = list(libs)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # each build leads in turn
+            lib = libs[name]
+            # F.linear's pass before each build's leaves every build the same state: its own
+            # weights, and their page-table entries, out of the caches, as in a decode step.
+            t = time.perf_counter()
+            for w in ws:
+                F.linear(x, w)
+            runs["F.linear"].append((time.perf_counter() - t) / copies * 1e6)
             t = time.perf_counter()
             for w_t in w_ts:
                 _product(lib, x, w_t, thr, y)
             runs[name].append((time.perf_counter() - t) / copies * 1e6)
-        t = time.perf_counter()
-        for w in ws:
-            F.linear(x, w)
-        runs["F.linear"].append((time.perf_counter() - t) / copies * 1e6)
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
