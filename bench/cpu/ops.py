@@ -2,6 +2,7 @@
 
     python -m bench.cpu.ops --shapes llama3-8b smollm2 --sparsities 0 0.5 0.9 --threads 2
     python -m bench.cpu.ops --against HEAD~1     # and the op as built from another commit
+    python -m bench.cpu.ops --patterns           # half the rows, contiguous or scattered
 
 For each weight shape of the model (q/k/v/o/gate/up/down, input-major as the sparse modules hold
 them) and sparsity, it times one decode product (batch 1, float32, a threshold at that quantile
@@ -13,7 +14,9 @@ entries out of the caches), each build leading its rounds in turn, so that neith
 stretch of a shared machine nor a place in the order favours a variant. ``--against REV`` builds
 ``triton_kernels/cpu/ops.cpp`` as of that git revision beside the working tree's, to measure a
 change of the op in one run. Columns: ``us`` per call, ``gbps`` over the bytes the call needs
-(active rows only), and ``speedup`` over ``F.linear``.
+(active rows only), and ``speedup`` over ``F.linear``. ``--patterns`` instead times the current
+op with half the rows active in several arrangements (``PATTERNS``): the same bytes, contiguous
+or scattered.
 """
 from __future__ import annotations
 
@@ -121,6 +124,77 @@ def time_point(libs: dict[str, ctypes.CDLL], k: int, n: int, sparsity: float,
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
+#: Which half of the rows is active, for ``--patterns`` (plus "all rows" for reference).
+PATTERNS = ("all rows", "first half", "blocks of 32", "blocks of 8", "alternate", "random")
+
+
+def half_active(pattern: str, k: int) -> torch.Tensor:
+    """x [1, k] whose entries above 0.5 (the threshold) are the rows ``pattern`` keeps."""
+    idx = torch.arange(k)
+    on = {"all rows": idx >= 0, "first half": idx < k // 2,
+          "blocks of 32": (idx // 32) % 2 == 0, "blocks of 8": (idx // 8) % 2 == 0,
+          "alternate": idx % 2 == 0,
+          "random": torch.zeros(k, dtype=torch.bool).index_fill_(0, torch.randperm(k)[:k // 2],
+                                                                 True)}[pattern]
+    return torch.where(on, 1.0, 0.1)[None, :]
+
+
+def time_patterns(lib: ctypes.CDLL, k: int, n: int, rounds: int) -> dict[str, float]:
+    """Median microseconds of one product with half the rows active in each of PATTERNS: what
+    scattering the same bytes costs (an F.linear pass before each, as in time_point)."""
+    copies = max(4, int(COPY_BYTES / (k * n * 4)))
+    w_ts = [torch.randn(k, n) for _ in range(copies)]
+    ws = [w.t().contiguous() for w in w_ts]
+    thr, y = torch.tensor([0.5]), torch.empty(1, n)
+    xs = {p: half_active(p, k) for p in PATTERNS}
+    runs: dict[str, list[float]] = {p: [] for p in PATTERNS}
+    for _ in range(rounds):
+        for p in PATTERNS:
+            for w in ws:
+                F.linear(xs[p], w)
+            t = time.perf_counter()
+            for w_t in w_ts:
+                _product(lib, xs[p], w_t, thr, y)
+            runs[p].append((time.perf_counter() - t) / copies * 1e6)
+    return {p: statistics.median(v) for p, v in runs.items()}
+
+
+def sparsity_rows(libs: dict[str, ctypes.CDLL], shapes: list[str], sparsities: list[float],
+                  threads: int, rounds: int) -> list[dict]:
+    """One row per shape, weight, sparsity and build (printed as it goes)."""
+    rows = []
+    for shape in shapes:
+        for name, k, n in weight_shapes(shape):
+            for s in sparsities:
+                us = time_point(libs, k, n, s, rounds)
+                need = k * n * 4 * (1 - s) / 1e9
+                for build_name in libs:
+                    rows.append({"shape": shape, "weight": name, "K": k, "N": n,
+                                 "sparsity": s, "build": build_name, "threads": threads,
+                                 "torch": torch.__version__, "us": round(us[build_name], 1),
+                                 "gbps": round(need / (us[build_name] * 1e-6), 1),
+                                 "linear_us": round(us["F.linear"], 1),
+                                 "speedup": round(us["F.linear"] / us[build_name], 3)})
+                print(f"{shape:10s} {name:8s} K={k:<6d} N={n:<6d} s={s:.2f}  "
+                      + "  ".join(f"{b} {us[b]:8.1f}us" for b in [*libs, "F.linear"]),
+                      flush=True)
+    return rows
+
+
+def pattern_rows(lib: ctypes.CDLL, shapes: list[str], threads: int, rounds: int) -> list[dict]:
+    """One row per shape, weight and pattern of PATTERNS (printed as it goes)."""
+    rows = []
+    for shape in shapes:
+        for name, k, n in weight_shapes(shape):
+            us = time_patterns(lib, k, n, rounds)
+            rows += [{"shape": shape, "weight": name, "K": k, "N": n, "pattern": pat,
+                      "threads": threads, "torch": torch.__version__, "us": round(t, 1)}
+                     for pat, t in us.items()]
+            print(f"{shape:10s} {name:8s} K={k:<6d} N={n:<6d} "
+                  + "  ".join(f"{pat} {t:.1f}us" for pat, t in us.items()), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["llama3-8b", "smollm2"],
@@ -130,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--against", nargs="*", default=[], metavar="REV",
                    help="also time the op as built from these git revisions")
+    p.add_argument("--patterns", action="store_true",
+                   help="instead: the current op with half the rows active, contiguous or "
+                        "scattered in several ways (what scattering costs)")
     p.add_argument("--csv", type=Path)
     a = p.parse_args(argv)
     unknown = [s for s in a.shapes if s not in MODEL_SHAPES]
@@ -138,25 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= s < 1 for s in a.sparsities):
         p.error("sparsities must lie in [0, 1)")
     torch.set_num_threads(a.threads)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         libs = builds(a.against, Path(tmp))
-        for shape in a.shapes:
-            for name, k, n in weight_shapes(shape):
-                for s in a.sparsities:
-                    us = time_point(libs, k, n, s, a.rounds)
-                    need = k * n * 4 * (1 - s) / 1e9
-                    for build_name in libs:
-                        rows.append({"shape": shape, "weight": name, "K": k, "N": n,
-                                     "sparsity": s, "build": build_name,
-                                     "threads": a.threads, "torch": torch.__version__,
-                                     "us": round(us[build_name], 1),
-                                     "gbps": round(need / (us[build_name] * 1e-6), 1),
-                                     "linear_us": round(us["F.linear"], 1),
-                                     "speedup": round(us["F.linear"] / us[build_name], 3)})
-                    print(f"{shape:10s} {name:8s} K={k:<6d} N={n:<6d} s={s:.2f}  "
-                          + "  ".join(f"{b} {us[b]:8.1f}us" for b in [*libs, "F.linear"]),
-                          flush=True)
+        rows = (pattern_rows(libs["current"], a.shapes, a.threads, a.rounds) if a.patterns
+                else sparsity_rows(libs, a.shapes, a.sparsities, a.threads, a.rounds))
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

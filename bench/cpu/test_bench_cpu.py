@@ -37,5 +37,10 @@ def test_cpu_op_benchmark_times_two_builds_against_f_linear(tmp_path, monkeypatc
     # 4 distinct weight shapes x 2 sparsities x 2 builds
     assert len(rows) == 16 and {r["build"] for r in rows} == {"current", "HEAD"}
     assert all(float(r["us"]) > 0 and float(r["linear_us"]) > 0 for r in rows)
+    assert ops.main(["--shapes", "tiny-llama", "--patterns", "--rounds", "1", "--threads", "1",
+                     "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["pattern"] for r in rows[:len(ops.PATTERNS)]] == list(ops.PATTERNS)
+    assert all(float(r["us"]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         ops.main(["--shapes", "no-such-model"])
