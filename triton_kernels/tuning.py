@@ -45,6 +45,11 @@ class LaunchConfig:
     prefetch: bool = False
     fma: bool = False
 
+    def block_b(self, batch: int) -> int:
+        """Sequences per program: batch 1 and FMA configs multiply elementwise (the batch padded
+        to a power of two), other configs use tl.dot over a batch padded to 16."""
+        return 1 if batch == 1 else 1 << (batch - 1).bit_length() if self.fma else 16
+
 
 _TUNED: dict[tuple, LaunchConfig] = {}
 _TUNE_LOG: list[dict] = []

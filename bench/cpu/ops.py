@@ -47,10 +47,10 @@ def _compile(source: Path, out: Path) -> ctypes.CDLL:
     cxx = build.compiler()
     if cxx is None:
         raise SystemExit("no C++ compiler found: the CPU ops need one (e.g. apt-get install g++)")
-    done = subprocess.run([cxx, *build.FLAGS, "-o", str(out), str(source)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"building {source} failed:\n{done.stderr[-2000:]}")
+    try:
+        build._build(cxx, out, source)
+    except build.CpuOpsUnavailable as e:
+        raise SystemExit(str(e)) from None
     lib = ctypes.CDLL(str(out))
     build._declare(lib)
     return lib
@@ -92,12 +92,25 @@ def weight_shapes(shape: str) -> list[tuple[str, int, int]]:
     return unique
 
 
+def _cold_weights(k: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """COPY_BYTES of random weights: input-major [k, n] copies for the op, and the same
+    out-major for ``F.linear``."""
+    w_ts = [torch.randn(k, n) for _ in range(max(4, int(COPY_BYTES / (k * n * 4))))]
+    return w_ts, [w.t().contiguous() for w in w_ts]
+
+
+def _us_per_call(call, weights: list[torch.Tensor]) -> float:
+    """Microseconds per ``call(w)``, averaged over one pass through ``weights``."""
+    t = time.perf_counter()
+    for w in weights:
+        call(w)
+    return (time.perf_counter() - t) / len(weights) * 1e6
+
+
 def time_point(libs: dict[str, ctypes.CDLL], k: int, n: int, sparsity: float,
                rounds: int) -> dict[str, float]:
     """Median microseconds per call of each build and of F.linear at one shape and sparsity."""
-    copies = max(4, int(COPY_BYTES / (k * n * 4)))
-    w_ts = [torch.randn(k, n) for _ in range(copies)]
-    ws = [w.t().contiguous() for w in w_ts]
+    w_ts, ws = _cold_weights(k, n)
     x = torch.randn(1, k)
     thr = torch.tensor([float(torch.quantile(x.abs(), sparsity)) if sparsity > 0 else 0.0])
     y = torch.empty(1, n)
@@ -110,17 +123,11 @@ def time_point(libs: dict[str, ctypes.CDLL], k: int, n: int, sparsity: float,
     names = list(libs)
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:  # each build leads in turn
-            lib = libs[name]
             # F.linear's pass before each build's leaves every build the same state: its own
             # weights, and their page-table entries, out of the caches, as in a decode step.
-            t = time.perf_counter()
-            for w in ws:
-                F.linear(x, w)
-            runs["F.linear"].append((time.perf_counter() - t) / copies * 1e6)
-            t = time.perf_counter()
-            for w_t in w_ts:
-                _product(lib, x, w_t, thr, y)
-            runs[name].append((time.perf_counter() - t) / copies * 1e6)
+            runs["F.linear"].append(_us_per_call(lambda w: F.linear(x, w), ws))
+            runs[name].append(_us_per_call(
+                lambda w_t, lib=libs[name]: _product(lib, x, w_t, thr, y), w_ts))
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
@@ -142,20 +149,14 @@ def half_active(pattern: str, k: int) -> torch.Tensor:
 def time_patterns(lib: ctypes.CDLL, k: int, n: int, rounds: int) -> dict[str, float]:
     """Median microseconds of one product with half the rows active in each of PATTERNS: what
     scattering the same bytes costs (an F.linear pass before each, as in time_point)."""
-    copies = max(4, int(COPY_BYTES / (k * n * 4)))
-    w_ts = [torch.randn(k, n) for _ in range(copies)]
-    ws = [w.t().contiguous() for w in w_ts]
+    w_ts, ws = _cold_weights(k, n)
     thr, y = torch.tensor([0.5]), torch.empty(1, n)
     xs = {p: half_active(p, k) for p in PATTERNS}
     runs: dict[str, list[float]] = {p: [] for p in PATTERNS}
     for _ in range(rounds):
-        for p in PATTERNS:
-            for w in ws:
-                F.linear(xs[p], w)
-            t = time.perf_counter()
-            for w_t in w_ts:
-                _product(lib, xs[p], w_t, thr, y)
-            runs[p].append((time.perf_counter() - t) / copies * 1e6)
+        for p, x in xs.items():
+            _us_per_call(lambda w: F.linear(x, w), ws)
+            runs[p].append(_us_per_call(lambda w_t: _product(lib, x, w_t, thr, y), w_ts))
     return {p: statistics.median(v) for p, v in runs.items()}
 
 

@@ -62,13 +62,15 @@ def library_path(cxx: str) -> Path:
     return cache_dir() / f"sparseffn_cpu_ops_{key.hexdigest()[:16]}.so"
 
 
-def _build(cxx: str, target: Path) -> None:
+def _build(cxx: str, target: Path, source: Path = SOURCE) -> None:
+    """Compile ``source`` (the ops by default; ``bench.cpu.ops`` builds other revisions of them)
+    into ``target``; raises CpuOpsUnavailable with the compiler's message if it fails."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A per-process temporary name, renamed into place: two processes never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(source)], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
             raise CpuOpsUnavailable(

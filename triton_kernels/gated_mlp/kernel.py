@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..common import upcast_dot
-from ..output_sparse.kernel import block_b, rows_dot
+from ..output_sparse.kernel import rows_dot
 from ..output_sparse.kernel import candidates  # noqa: F401  (the gate/up tiles are the same)
 from ..tuning import LaunchConfig
 
@@ -106,7 +106,7 @@ def launch_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     _gate_up_kernel[(triton.cdiv(I, cfg.rows),)](
         x, w_gate, w_up, t, m, h, B, I, H, x.stride(0), x.stride(1), w_gate.stride(0),
         w_up.stride(0), t.stride(0), t.stride(1), m.stride(0), m.stride(1), h.stride(0),
-        USE_MASK=mask is not None, ACT=act, BLOCK_B=block_b(B, cfg), BLOCK_I=cfg.rows,
+        USE_MASK=mask is not None, ACT=act, BLOCK_B=cfg.block_b(B), BLOCK_I=cfg.rows,
         BLOCK_H=cfg.cols, PREFETCH=cfg.prefetch, UPCAST_DOT=upcast_dot(x.dtype), FMA=cfg.fma,
         num_warps=cfg.num_warps,
     )

@@ -210,7 +210,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     B, K = x.shape
     widths = [w.shape[1] for w in w_ts]
     N = sum(widths)
-    block_b = 1 if B == 1 else triton.next_power_of_2(B) if cfg.fma else 16
+    block_b = cfg.block_b(B)
     # span 0 (or more than K) means one K range: y is stored directly, no atomics.
     span = min(cfg.span or K, max(cfg.rows, triton.next_power_of_2(K)))
     blocks = [triton.cdiv(n, cfg.cols) for n in widths]

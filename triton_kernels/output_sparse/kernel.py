@@ -107,12 +107,6 @@ def _output_sparse_kernel(
              tl.where(m, res, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def block_b(batch: int, cfg: LaunchConfig) -> int:
-    """Sequences per program: batch 1 and FMA configs multiply elementwise (the batch padded to
-    a power of two), other configs use tl.dot over a batch padded to 16."""
-    return 1 if batch == 1 else triton.next_power_of_2(batch) if cfg.fma else 16
-
-
 def launch_output_sparse(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
                          cfg: LaunchConfig) -> None:
     """out [B, N] (contiguous) = masked W x for <= MAX_BATCH_PER_LAUNCH sequences.
@@ -124,7 +118,7 @@ def launch_output_sparse(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, o
     m = mask.view(torch.uint8)
     _output_sparse_kernel[(triton.cdiv(N, cfg.rows),)](
         x, w, m, out, B, N, K, x.stride(0), x.stride(1), w.stride(0), m.stride(0),
-        m.stride(1), out.stride(0), BLOCK_B=block_b(B, cfg), ROWS=cfg.rows, BLOCK_K=cfg.cols,
+        m.stride(1), out.stride(0), BLOCK_B=cfg.block_b(B), ROWS=cfg.rows, BLOCK_K=cfg.cols,
         PREFETCH=cfg.prefetch, UPCAST_DOT=upcast_dot(x.dtype), FMA=cfg.fma,
         num_warps=cfg.num_warps,
     )
