@@ -75,10 +75,11 @@ template <typename W>
 void accumulate(int64_t B, int64_t K, int64_t N, const int32_t* rows, int64_t r0, int64_t r1,
                 const float* coef, const W* w, int64_t ldw, float* y, int64_t ldy) {
   constexpr int64_t kLine = 64 / sizeof(W);
-  for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r) {
-    const W* first = w + static_cast<int64_t>(rows[r]) * ldw;
-    for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(first + j);
-  }
+  auto request_row = [&](const W* row) {
+    for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(row + j);
+  };
+  for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r)
+    request_row(w + static_cast<int64_t>(rows[r]) * ldw);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t k = rows[r];
     const W* row = w + k * ldw;
@@ -97,8 +98,7 @@ void accumulate(int64_t B, int64_t K, int64_t N, const int32_t* rows, int64_t r0
       }
       requested = true;
     }
-    if (ahead && !requested)
-      for (int64_t j = 0; j < N; j += kLine) __builtin_prefetch(ahead + j);
+    if (ahead && !requested) request_row(ahead);
   }
 }
 
