@@ -28,8 +28,9 @@ from sparseffn.errors import SparseFFNError
 class KernelMode(str, Enum):
     """Where decode steps run the Triton kernels.
 
-    AUTO: at batch 1 on CUDA tensors (larger batches measured slower than dense and decode
-    densely), and on CPU tensors through the compiled CPU ops where they measure at least as
+    AUTO: at batch 1 on CUDA tensors, and at a larger batch where the module's decode products
+    measured no slower than dense at that batch (``sparseffn.cuda_probe``, probed by the decode
+    loops before they compile a step); on CPU tensors through the compiled CPU ops where they measure at least as
     fast as dense for the module's shapes, at batch 1 and at each batch up to the probed limit
     (``sparseffn.cpu_probe``). ALWAYS: any decode batch up
     to ``MAX_DECODE_BATCH`` on every device (on the CPU through the compiled CPU ops, or the
@@ -55,12 +56,6 @@ class KernelMode(str, Enum):
 
 #: Largest number of sequences a decode step sends to the kernels under ALWAYS.
 MAX_DECODE_BATCH = 16
-#: ... and under AUTO on CUDA. At batch 4 the union of the sequences' active rows is most rows,
-#: and the kernels measured slower than dense (docs/e2e.md), so AUTO decodes larger CUDA batches
-#: densely. On the CPU, AUTO takes batches up to the module's probed limit
-#: (``sparseffn.cpu_probe.batch_limit``).
-AUTO_MAX_BATCH = 1
-
 _AVAILABLE: dict[str, bool] = {}
 
 
@@ -107,7 +102,7 @@ def cpu_decode_path(mode: KernelMode, weights: list[torch.Tensor]) -> bool:
 
 def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.Tensor,
                 weight: torch.Tensor, cpu_path: bool = False, shared: bool = False,
-                cpu_batch: int = 1) -> bool:
+                cpu_batch: int = 1, cuda_batches: tuple[int, ...] = ()) -> bool:
     """Whether this call takes the kernel path.
 
     Args:
@@ -124,16 +119,19 @@ def use_kernels(mode: KernelMode, layout_ready: bool, observing: bool, x: torch.
             take batches up to ``MAX_DECODE_BATCH`` (docs/e2e.md, "Batch-shared sparsity").
         cpu_batch: under AUTO, the largest batch the module's CPU path takes with per-sequence
             sets (``sparseffn.cpu_probe.batch_limit``).
+        cuda_batches: under AUTO, the batches above 1 at which the module's CUDA path measured
+            no slower than dense (``sparseffn.cuda_probe``).
     """
     if not layout_ready or observing or (cpu_path and torch.compiler.is_compiling()):
         return False
     # The path was chosen for the weights' device when the mode was set (takes_kernel_path).
     ok = kernels_on("cuda") if x.device.type == "cuda" else x.device.type == "cpu"
+    batch = x.shape[0]
     if mode is KernelMode.ALWAYS or (shared and cpu_path):
-        max_batch = MAX_DECODE_BATCH
+        batch_ok = batch <= MAX_DECODE_BATCH
     else:
-        max_batch = cpu_batch if cpu_path else AUTO_MAX_BATCH
-    return (ok and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= max_batch
+        batch_ok = batch <= cpu_batch if cpu_path else batch == 1 or batch in cuda_batches
+    return (ok and x.dim() == 3 and x.shape[1] == 1 and batch_ok
             and x.dtype == weight.dtype and x.device == weight.device
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sparseffn.errors import SparseFFNError
-from sparseffn.modules import start_sequences
+from sparseffn.modules import probe_batch, start_sequences
 
 LOOPS_ATTR = "_sparseffn_decode_loops"
 EOS_CHECK_EVERY = 8  # steps between host syncs that test whether every sequence has ended
@@ -164,6 +164,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 12
     pad = (pad_token_id if pad_token_id is not None
            else int(eos[0]) if eos.numel() else 0)
 
+    probe_batch(model, B)  # before the step is compiled: it decides the step's path at B > 1
     loop = _loop(model, B, max_len, compile)
     loop.cache.reset()
     start_sequences(model, attention_mask)

@@ -142,6 +142,7 @@ def install(model: nn.Module, calibration: Calibration,
     for (parent, name), module in swaps.items():
         setattr(parent, name, module)
     setattr(model, STATE_ATTR, PatchState(spec, calibration))
+    _set_site_sparsities(model, calibration)
     set_kernel_mode(model, kernel_mode)
     hf_generate.attach(model)
     clear_decode_loops(model)  # steps compiled over the dense modules: free their caches
@@ -184,8 +185,16 @@ def update_thresholds(model: nn.Module, calibration: Calibration) -> None:
         for site, value in calibration.layer_thresholds(i).items():
             site_module(layer, site).set_threshold(site, value)
     state.calibration = calibration
+    _set_site_sparsities(model, calibration)
     if state.batch_shared:
         set_batch_sharing(model, True)  # the kept counts follow the new sparsities
+
+
+def _set_site_sparsities(model: nn.Module, calibration: Calibration) -> None:
+    """Give each sparse module its sites' calibrated sparsities (the CUDA batch probe's)."""
+    for i, module in sparse_modules(model):
+        module.set_site_sparsity({site: calibration.sparsities.get(f"layers.{i}.{site}", 0.0)
+                                  for site in module.sites})
 
 
 def set_batch_sharing(model: nn.Module, enabled: bool) -> None:

@@ -82,7 +82,7 @@ def tuned_config(key: tuple, candidates: Sequence[LaunchConfig],
         # (another process, clocks) then costs no candidate its place.
         for _ in range(TUNE_ROUNDS):
             for cfg in candidates:
-                t = _time_on_device(lambda: run(cfg))
+                t = time_on_device(lambda: run(cfg))
                 times[(cfg, s)] = min(t, times.get((cfg, s), t))
     best = {s: min(times[(c, s)] for c in candidates) for s in TUNE_SPARSITIES}
     score = {c: max(times[(c, s)] / best[s] for s in TUNE_SPARSITIES) for c in candidates}
@@ -93,7 +93,7 @@ def tuned_config(key: tuple, candidates: Sequence[LaunchConfig],
     return chosen
 
 
-def _time_on_device(fn: Callable[[], None]) -> float:
+def time_on_device(fn: Callable[[], None]) -> float:
     """Median milliseconds of one call, replayed from a CUDA graph with L2 flushed before each.
 
     Timing the Python call itself (plain ``do_bench``) measures the host's launch overhead and

@@ -12,16 +12,19 @@ fitted on exactly what they are compared with at run time (upstream sparsity inc
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from torch import nn
 
-from sparseffn import layout
+from sparseffn import cuda_probe, layout
 from sparseffn.decode import above
-from sparseffn.dispatch import (KernelMode, cpu_batch_limit, cpu_decode_path, kernels_on,
-                                takes_kernel_path, use_kernels)
+from sparseffn.dispatch import (MAX_DECODE_BATCH, KernelMode, cpu_batch_limit, cpu_decode_path,
+                                kernels_on, takes_kernel_path, use_kernels)
 from sparseffn.sharing import shared_mask
+
+log = logging.getLogger("sparseffn")
 
 
 class SiteCounter(nn.Module):
@@ -91,6 +94,13 @@ class SparseModule(nn.Module):
         self._layout_ready = False
         self._cpu_path = False  # the kernel path runs the ops' CPU decode path
         self._cpu_batch = 1  # ... and takes batches up to this many sequences (per-token sets)
+        #: CUDA under AUTO: batch -> whether the kernel path measured no slower than dense
+        #: there (``probe_batch``); the batches above 1 it takes.
+        self._cuda_probed: dict[int, bool] = {}
+        self._cuda_batches: tuple[int, ...] = ()
+        #: Each site's calibrated per-token sparsity (set by ``sparseffn.patching``), which the
+        #: CUDA batch probe times the products at.
+        self.site_sparsity: dict[str, float] = {}
         #: Batch-shared sparsity (``sparseffn.sharing``): channels kept per site, for the sites
         #: that share; empty when every sequence keeps its own set.
         self.shared_keep: dict[str, int] = {}
@@ -173,6 +183,7 @@ class SparseModule(nn.Module):
         use = bool(weights) and takes_kernel_path(mode, decision)
         self._cpu_path = use and cpu_decode_path(mode, weights)
         self._cpu_batch = cpu_batch_limit(mode, decision) if self._cpu_path else 1
+        self.forget_batch_probes()
         for lin in linears:
             if use:
                 layout.make_input_major(lin)
@@ -185,7 +196,53 @@ class SparseModule(nn.Module):
         for lin in self.kernel_linears():
             layout.restore(lin)
 
+    # --- batches above 1 on CUDA -------------------------------------------------------------
+
+    def batch_products(self) -> list[cuda_probe.Product]:
+        """The input-sparse launches of one decode step, each as (weights read with one input,
+        their sites' per-token sparsities), for the CUDA batch probe; empty where the kernel
+        path runs other ops (neuron gates, rotations, shared sets): such a module decodes
+        batches above 1 densely under AUTO."""
+        return []
+
+    def set_site_sparsity(self, sparsities: dict[str, float]) -> None:
+        """The sites' calibrated sparsities (a new level invalidates the batch probes)."""
+        self.site_sparsity = dict(sparsities)
+        self.forget_batch_probes()
+
+    def forget_batch_probes(self) -> None:
+        self._cuda_probed, self._cuda_batches = {}, ()
+
+    def probe_batch(self, batch: int) -> None:
+        """Decide, by measuring (``sparseffn.cuda_probe``), whether a CUDA decode step of
+        ``batch`` sequences takes the kernel path under AUTO; once per batch and sparsity level.
+        Called by the decode loops before they compile a step (the measurement cannot run
+        inside a compiled or captured forward); a batch never probed decodes densely."""
+        if (batch <= 1 or batch > MAX_DECODE_BATCH or batch in self._cuda_probed
+                or self.kernel_mode is not KernelMode.AUTO or not self._layout_ready
+                or self._cpu_path or self.shared_keep):
+            return  # (under AUTO a layout made ready without the CPU path is a CUDA one)
+        products = self.batch_products()
+        self._cuda_probed[batch] = cuda_probe.pays(products, batch)
+        self._cuda_batches = tuple(sorted(b for b, ok in self._cuda_probed.items() if ok))
+
     def use_kernels(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the kernel path (``sparseffn.dispatch.use_kernels``)."""
         return use_kernels(self.kernel_mode, self._layout_ready, self.observe is not None, x,
-                           weight, self._cpu_path, bool(self.shared_keep), self._cpu_batch)
+                           weight, self._cpu_path, bool(self.shared_keep), self._cpu_batch,
+                           self._cuda_batches)
+
+
+def probe_batch(model: nn.Module, batch: int) -> None:
+    """Before a decode loop compiles a step of ``batch`` sequences: let every sparse module of
+    ``model`` decide by measurement whether its kernel path pays at that batch under AUTO
+    (``SparseModule.probe_batch``). Harmless on any model."""
+    modules = [m for m in model.modules() if isinstance(m, SparseModule)]
+    fresh = [m for m in modules if batch not in m._cuda_probed]
+    for module in fresh:
+        module.probe_batch(batch)
+    decided = [m for m in fresh if batch in m._cuda_probed]
+    if decided:
+        log.info("sparseffn: batch %d decodes through the kernels in %d of %d modules (measured "
+                 "no slower than dense there), densely in the rest", batch,
+                 sum(m._cuda_probed[batch] for m in decided), len(modules))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseffn import decode
+from sparseffn import cuda_probe, decode
 from sparseffn.dispatch import KernelMode, is_plain_linear
 from sparseffn.modules.base import SparseModule
 
@@ -62,6 +62,11 @@ class SparseLinear(SparseModule):
         # The members of a group decide together: they run as one call.
         members = self.group.members if self.group is not None else [self]
         return [lin.weight for m in members for lin in m.kernel_linears()]
+
+    def batch_products(self) -> list[cuda_probe.Product]:
+        # A usable group runs as one launch, so its members decide together.
+        ms = self.group.members if self.group is not None and self.group.usable else [self]
+        return [([m.base.weight for m in ms], [m.site_sparsity.get(m.site, 0.0) for m in ms])]
 
     def set_kernel_mode(self, mode: KernelMode | str, keep_layout: bool = False) -> None:
         super().set_kernel_mode(mode, keep_layout)

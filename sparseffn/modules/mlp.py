@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from calibrate.rotation import rotate, rotate_weight, unrotate
-from sparseffn import decode, layout
+from sparseffn import cuda_probe, decode, layout
 from sparseffn.dispatch import KernelMode, is_plain_linear, kernel_activation
 from sparseffn.families import FamilySpec, activation, gate_and_up
 from sparseffn.modules.base import SiteCounter, SparseModule, own_copy
@@ -153,6 +153,22 @@ class SparseGatedMLP(SparseModule):
         if self.plan == "gate":  # the neuron gate's plan replaces all three products
             return [*self.gate_up_weights(), self.base.down_proj.weight]
         return super().decision_weights()
+
+    def batch_products(self) -> list[cuda_probe.Product]:
+        # The "input" plan's launches (``_decode_inputs``); an ungated projection runs F.linear
+        # on both paths and is left out.
+        if self.plan != "input" or self.rotation is not None:
+            return []
+        base, gated = self.base, super().threshold
+
+        def product(*sites: str) -> cuda_probe.Product:
+            return ([getattr(base, site).weight for site in sites],
+                    [self.site_sparsity.get(site, 0.0) for site in sites])
+        if self.spec.fused_gate_up or gated("gate_proj") is None or gated("up_proj") is None:
+            out = [product(site) for site in self.spec.mlp_in if gated(site) is not None]
+        else:
+            out = [product("gate_proj", "up_proj")]
+        return out + ([product("down_proj")] if gated("down_proj") is not None else [])
 
     def threshold(self, site: str) -> torch.Tensor | None:
         if site == ACT_SITE and self.neuron_gate is not None:

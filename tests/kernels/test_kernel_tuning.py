@@ -23,7 +23,7 @@ def test_tuner_picks_smallest_worst_ratio_and_caches(monkeypatch):
         return times[calls[-1]] * (10.0 if outlier else 1.0)
 
     monkeypatch.setattr(tuning, "tuning_enabled", lambda device: True)
-    monkeypatch.setattr(tuning, "_time_on_device", fake_time)
+    monkeypatch.setattr(tuning, "time_on_device", fake_time)
     key = ("test", 1, 63, 431, torch.float16, "cpu")
     monkeypatch.delitem(tuning._TUNED, key, raising=False)
     chosen = tuning.tuned_config(key, [fast_dense, steady], make_bench, torch.device("cpu"))
