@@ -221,6 +221,7 @@ def set_batch_sharing(model: nn.Module, enabled: bool) -> None:
             site: keep_count(state.calibration.sparsities[f"layers.{i}.{site}"],
                              module.site_width(site))
             for site in module.sites}
+        module.forget_batch_probes()  # shared sets are not probed (``probe_batch``)
     state.batch_shared = enabled
 
 
