@@ -19,6 +19,7 @@ from sparseffn.families import SUPPORTED_MODEL_TYPES
 from sparseffn.generation import clear_decode_loops, generate
 from sparseffn.methods import Method, StatSpec, method_names, register_method
 from sparseffn.models import load_builtin_model
+from sparseffn.modules import probe_batch
 from sparseffn.patching import is_sparsified
 from sparseffn.report import SparsityReport, reset_sparsity_stats, sparsity_report, track_sparsity
 
@@ -29,7 +30,7 @@ __all__ = [
     "PatchStateError", "SparseFFNError", "SparsityConfig", "SparsityReport", "StatSpec",
     "UnsupportedModelError",
     "clear_decode_loops", "generate", "get_calibration", "is_sparsified", "load_builtin_model",
-    "load_calibration", "load_texts", "method_names", "register_method",
+    "load_calibration", "load_texts", "method_names", "probe_batch", "register_method",
     "reset_sparsity_stats", "save_calibration",
     "set_batch_sharing", "set_kernel_mode", "set_lean_generate", "set_sparsity", "sparsify", "sparsity_report", "track_sparsity",
     "unsparsify",
