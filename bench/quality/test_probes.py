@@ -1,5 +1,5 @@
 """The centring and basis probes' building blocks: the channel mode, and the bases that turn the
-MLP input (orthogonal, exact where nothing is dropped)."""
+MLP input (orthogonal, exact where nothing is dropped); the batch-union count."""
 import torch
 from torch import nn
 
@@ -35,3 +35,15 @@ def test_bases_are_orthogonal_and_weight_bases_ignore_the_data():
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach() @ q
                 torch.testing.assert_close(wq.norm(dim=0), w, atol=1e-5, rtol=1e-5)
     assert basis.basis("none", x, mlp) == (None, None)
+
+
+def test_union_fraction_counts_inputs_any_sequence_needs():
+    from bench.quality.batch_union import union_fraction
+
+    active = torch.zeros(4, 1, 4, dtype=torch.bool)
+    active[0, 0, 0] = active[1, 0, 1] = True  # batch (0, 1): 2 of 4 needed
+    active[2, 0, 0] = active[3, 0, 0] = True  # batch (2, 3): 1 of 4
+    assert union_fraction(active, 2) == (0.5 + 0.25) / 2
+    assert union_fraction(active, 4) == 0.5
+    assert union_fraction(active, 1) == active.float().mean().item()
+    assert union_fraction(active[:3], 2) == 0.5  # an incomplete batch is left out
