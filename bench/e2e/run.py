@@ -35,7 +35,7 @@ FIELDS = ["device", "torch", "triton", "transformers", "shape", "layers", "dtype
           "scope", "target", "measured_sparsity", "ffn_bytes_skipped", "all_bytes_skipped",
           "batch", "prompt", "new_tokens", "harness", "tok_s", "dense_tok_s", "speedup",
           "floor_tok_s", "frac_of_floor", "byte_limit_speedup", "peak_mem_gb",
-          "calib_seconds", "sharing", "over_dense_generate", "rotation"]
+          "calib_seconds", "sharing", "over_dense_generate", "rotation", "kernel_modules"]
 
 
 def _versions() -> dict[str, str]:
@@ -108,6 +108,24 @@ def _point(args, ver, model, bw, method, scope, target, report, b, p, harness, r
             if torch.cuda.is_available() else 0.0, "calib_seconds": round(calib_s, 1)}
 
 
+def kernel_modules(model, batch: int) -> str:
+    """"on/all": how many sparse modules send a decode step of ``batch`` sequences to the kernel
+    path (under ``"auto"`` at batch > 1 on CUDA, those the batch probe measured no slower than
+    dense; ``sparseffn.cuda_probe``)."""
+    from sparseffn.modules import SparseGatedMLP
+    from sparseffn.patching import sparse_modules
+
+    modules = [m for _, m in sparse_modules(model)]
+    on = 0
+    with torch.no_grad():
+        for m in modules:
+            # The weight each forward hands to use_kernels, and a decode input for it.
+            w = m.base.down_proj.weight if isinstance(m, SparseGatedMLP) else m.base.weight
+            width = w.shape[0] if isinstance(m, SparseGatedMLP) else w.shape[1]
+            on += m.use_kernels(w.new_empty(batch, 1, width), w)
+    return f"{on}/{len(modules)}"
+
+
 def _user_view(rate: float, dense: dict, b: int, p: int) -> float | str:
     """The user's view: this rate over the dense model's ``model.generate`` (a sparsified
     model's ``model.generate`` runs the lean loop on CUDA, ``sparseffn.hf_generate``); blank
@@ -177,6 +195,7 @@ def run(args) -> list[dict]:
                                               report, b, p, harness, rate,
                                               dense[(harness, b, p)], calib_s),
                                      "sharing": sharing,
+                                     "kernel_modules": kernel_modules(model, b),
                                      "over_dense_generate": _user_view(rate, dense, b, p),
                                      "rotation": options.get("rotation", 0)})
                         print(_fmt(rows[-1]), flush=True)
@@ -271,7 +290,8 @@ def _fmt(r: dict) -> str:
             + (f"x{r['over_dense_generate']:.2f} dense generate  "
                if r.get("over_dense_generate") else "")
             + f"{100 * r['frac_of_floor']:.0f}% of floor {r['floor_tok_s']:.0f}  "
-            f"mem {r['peak_mem_gb']} GB")
+            + (f"kernels in {r['kernel_modules']} modules  " if r.get("kernel_modules") else "")
+            + f"mem {r['peak_mem_gb']} GB")
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -21,6 +21,9 @@ def test_bench_e2e_cli_smoke(tmp_path):
     for r in rows[1:]:
         assert abs(float(r["measured_sparsity"]) - 0.5) < 0.05
         assert float(r["tok_s"]) > 0 and float(r["dense_tok_s"]) == float(rows[0]["tok_s"])
+    for r in rows[2:]:  # kernel_mode never: every module on the reference path
+        on, total = map(int, r["kernel_modules"].split("/"))
+        assert on == 0 and total > 0
     assert (tmp_path / "e2e.png").stat().st_size > 0
 
 
