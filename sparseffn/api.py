@@ -91,8 +91,9 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
             (passing both is an error).
         n_tokens, seq_len, batch_size: how much calibration text to observe, and in what windows.
         strict: check that a saved calibration's weights match this model, not only its shape.
-        kernel_mode: ``KernelMode`` or its value: "auto" (decode steps at batch 1 run the
-            Triton kernels on CUDA and the compiled CPU ops on the CPU where measured faster),
+        kernel_mode: ``KernelMode`` or its value: "auto" (decode steps run the Triton
+            kernels on CUDA at batch 1, and at larger batches where measured no slower, and
+            the compiled CPU ops on the CPU where measured faster),
             "always" (any decode batch up to 16) or "never" (masked dense torch ops
             everywhere); see ``set_kernel_mode``.
         batch_shared: the sequences of a batch share one active set per site at each step
@@ -147,10 +148,11 @@ def sparsify(model: nn.Module, method: str | None = None, sparsity: float | None
 def set_kernel_mode(model: nn.Module, mode: KernelMode | str) -> nn.Module:
     """Choose where a sparsified model's decode steps run the Triton kernels.
 
-    "auto": decode steps at batch 1 (one new token, no gradients; larger batches measured
-    slower than dense and decode densely) on CUDA tensors, and on CPU tensors through the
-    compiled CPU ops wherever a one-time probe per weight shape measures them at least as fast
-    as the reference path; "always": any decode batch up to 16 (on the CPU under
+    "auto": decode steps (one new token, no gradients) at batch 1 on CUDA tensors, and at a
+    larger batch in the modules whose decode launches measured no slower than dense at that
+    batch (``sparseffn.probe_batch``, which the decode loops run before compiling a step); on
+    CPU tensors through the compiled CPU ops wherever a one-time probe per weight shape
+    measures them at least as fast as the reference path; "always": any decode batch up to 16 (on the CPU under
     TRITON_INTERPRET=1 through the Triton interpreter, as in the tests); "never": the reference
     path everywhere, with the weights back in their original layout. Call it with "auto" again
     after moving a model patched under "never" to the GPU.
