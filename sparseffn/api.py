@@ -152,10 +152,10 @@ def set_kernel_mode(model: nn.Module, mode: KernelMode | str) -> nn.Module:
     larger batch in the modules whose decode launches measured no slower than dense at that
     batch (``sparseffn.probe_batch``, which the decode loops run before compiling a step); on
     CPU tensors through the compiled CPU ops wherever a one-time probe per weight shape
-    measures them at least as fast as the reference path; "always": any decode batch up to 16 (on the CPU under
-    TRITON_INTERPRET=1 through the Triton interpreter, as in the tests); "never": the reference
-    path everywhere, with the weights back in their original layout. Call it with "auto" again
-    after moving a model patched under "never" to the GPU.
+    measures them at least as fast as the reference path; "always": any decode batch up to 16
+    (on the CPU under TRITON_INTERPRET=1 through the Triton interpreter, as in the tests);
+    "never": the reference path everywhere, with the weights back in their original layout.
+    Call it with "auto" again after moving a model patched under "never" to the GPU.
     """
     set_kernel_mode_(model, mode)
     return model

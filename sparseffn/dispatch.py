@@ -30,10 +30,10 @@ class KernelMode(str, Enum):
 
     AUTO: at batch 1 on CUDA tensors, and at a larger batch where the module's decode products
     measured no slower than dense at that batch (``sparseffn.cuda_probe``, probed by the decode
-    loops before they compile a step); on CPU tensors through the compiled CPU ops where they measure at least as
-    fast as dense for the module's shapes, at batch 1 and at each batch up to the probed limit
-    (``sparseffn.cpu_probe``). ALWAYS: any decode batch up
-    to ``MAX_DECODE_BATCH`` on every device (on the CPU through the compiled CPU ops, or the
+    loops before they compile a step); on CPU tensors through the compiled CPU ops where they
+    measure at least as fast as dense for the module's shapes, at batch 1 and at each batch up
+    to the probed limit (``sparseffn.cpu_probe``). ALWAYS: any decode batch up to
+    ``MAX_DECODE_BATCH`` on every device (on the CPU through the compiled CPU ops, or the
     Triton interpreter under TRITON_INTERPRET=1 as in the tests). NEVER: the reference path
     everywhere, weights in their original layout (the patched model at sparsity 0 then equals
     the original bit for bit).
