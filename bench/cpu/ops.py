@@ -21,7 +21,6 @@ or scattered.
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.e2e.shapes import SHAPES
+from sparseffn.eval.sweep import write_csv
 from triton_kernels.cpu import build
 
 #: Weight bytes per point: several times a server's last-level cache.
@@ -221,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = (pattern_rows(libs["current"], a.shapes, a.threads, a.rounds) if a.patterns
                 else sparsity_rows(libs, a.shapes, a.sparsities, a.threads, a.rounds))
     if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, a.csv, {})
     return 0
 
 

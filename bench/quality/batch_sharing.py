@@ -35,16 +35,17 @@ def interleaved(windows: torch.Tensor, batch: int) -> torch.Tensor:
     return windows[torch.arange(n).reshape(batch, n // batch).t().flatten()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.quality.batch_sharing", description=__doc__,
+def batch_args(prog: str, doc: str, methods: list[str], batches: list[int], windows: int,
+               seq_len: int, argv: list[str] | None) -> argparse.Namespace:
+    """The batch probes' command line (methods, sparsity, batches, held-out windows, ...)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["teal:all", "teal:mlp", "wina:all", "cats",
-                                                     "chess"])
+    p.add_argument("--methods", nargs="+", default=methods)
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16])
-    p.add_argument("--windows", type=int, default=48, help="held-out windows per domain "
+    p.add_argument("--batches", nargs="+", type=int, default=batches)
+    p.add_argument("--windows", type=int, default=windows, help="held-out windows per domain "
                    "(a multiple of every batch size)")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=seq_len)
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv")
@@ -53,10 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"--windows {a.windows} is not a multiple of batch sizes {bad}")
     torch.set_num_threads(a.threads)
+    return a
+
+
+def held_out_windows(tok, a: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Domain -> its ``a.windows`` held-out windows of ``a.seq_len`` tokens."""
+    return {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len,
+                             a.seq_len, purpose="evaluation")[:a.windows] for d in DOMAINS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = batch_args("bench.quality.batch_sharing", __doc__,
+                   ["teal:all", "teal:mlp", "wina:all", "cats", "chess"], [1, 4, 8, 16], 48,
+                   256, argv)
     model, tok = sparseffn.load_builtin_model()
-    held_out = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len,
-                                 a.seq_len, purpose="evaluation")[:a.windows]
-                for d in DOMAINS}
+    held_out = held_out_windows(tok, a)
     rows = []
 
     def record(method: str, sharing: str, batch: int | str) -> None:

@@ -15,17 +15,14 @@ sequences needs at a position, beside 1 - (1 - a)^B, the union of independent se
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import sys
 from collections import defaultdict
 
 import torch
 
 import sparseffn
-from bench.quality.batch_sharing import DOMAINS, interleaved
-from sparseffn.data import builtin_texts, token_windows
-from sparseffn.eval.sweep import parse_method
+from bench.quality.batch_sharing import DOMAINS, batch_args, held_out_windows, interleaved
+from sparseffn.eval.sweep import parse_method, write_csv
 from sparseffn.modules import SparseModule
 
 
@@ -52,25 +49,10 @@ def record_inputs(model: torch.nn.Module) -> tuple[dict[str, list[torch.Tensor]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.quality.batch_union", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["teal:all"])
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--batches", nargs="+", type=int, default=[2, 4, 8, 16])
-    p.add_argument("--windows", type=int, default=16,
-                   help="held-out windows per domain (a multiple of every batch size)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--calib-tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--csv")
-    a = p.parse_args(argv)
-    bad = [b for b in a.batches if a.windows % b]
-    if bad:
-        raise SystemExit(f"--windows {a.windows} is not a multiple of batch sizes {bad}")
-    torch.set_num_threads(a.threads)
+    a = batch_args("bench.quality.batch_union", __doc__, ["teal:all"], [2, 4, 8, 16], 16, 128,
+                   argv)
     model, tok = sparseffn.load_builtin_model()
-    held_out = {d: token_windows(tok, builtin_texts(d, "eval"), a.windows * a.seq_len,
-                                 a.seq_len, purpose="evaluation")[:a.windows] for d in DOMAINS}
+    held_out = held_out_windows(tok, a)
     rows = []
     for spec in a.methods:
         sparseffn.sparsify(model, sparsity=a.sparsity, calibration="austen", tokenizer=tok,
@@ -96,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{1 - (1 - active) ** batch:.3f}", flush=True)
         sparseffn.unsparsify(model)
     if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, a.csv, {})
     return 0
 
 
