@@ -14,7 +14,7 @@ import torch
 import sparseffn
 from sparseffn import decode, layout
 from sparseffn.modules import SparseGatedMLP, SparseLinear
-from sparseffn.patching import install
+from sparseffn.patching import install, sparse_modules
 from sparseffn.testing import teacher_forced_logits as decode_logits
 from sparseffn.testing import tiny_model
 
@@ -81,9 +81,13 @@ def test_kernel_path_matches_reference_path(family, method, scope, funcs, monkey
     got = decode_logits(kern, prompt, cont)
     assert all(calls[name] > 0 for name in funcs), f"the kernel path did not run: {calls}"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    # Same measured sparsity on both paths (counted from the same masks).
+    # Same measured sparsity on both paths (counted from the same masks), and every entry of
+    # every decode step counted on the kernel path too (the kernels count them themselves).
     r, k = sparseffn.sparsity_report(ref), sparseffn.sparsity_report(kern)
     assert abs(r.overall - k.overall) < 0.02
+    for (_, mr), (_, mk) in zip(sparse_modules(ref), sparse_modules(kern)):
+        for site in mr.counters:
+            assert mk.counters[site].counts[1] == mr.counters[site].counts[1], site
 
 
 def test_sparsity_zero_kernel_path_is_the_dense_model():

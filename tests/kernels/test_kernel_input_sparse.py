@@ -70,11 +70,14 @@ def test_matches_reference(device, case, sparsity, batch, dtype):
     active = x.float().abs() > thr if thr is not None else mask
     if kind in ("scalar", "token"):
         assert abs(1.0 - active.double().mean().item() - sparsity) <= 0.02 + 1.0 / K
-    y = triton_impl(x, w_t, thr, mask, config=cfg, out=nan_like((batch, N), dtype, device))
+    counts = torch.full((2,), 5, dtype=torch.int64, device=device)  # counts add, never reset
+    y = triton_impl(x, w_t, thr, mask, config=cfg, out=nan_like((batch, N), dtype, device),
+                    counts=counts)
     xa = torch.where(active, x.double(), 0.0)
     ref = xa @ w_t.double()
     assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype),
                   f"{kind} K={K} N={N}")
+    assert counts.tolist() == [5 + int(active.expand(batch, K).sum()), 5 + batch * K]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -84,10 +87,12 @@ def test_batch_beyond_one_launch(device):
     x = torch.randn(B, K, device=device).to(dtype)
     w_t = weight(K, N, dtype, device)
     thr = torch.full((B, 1), 0.8, device=device)
-    y = triton_impl(x, w_t, thr, out=nan_like((B, N), dtype, device))
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    y = triton_impl(x, w_t, thr, out=nan_like((B, N), dtype, device), counts=counts)
     xa = torch.where(x.float().abs() > thr, x.double(), 0.0)
     ref = xa @ w_t.double()
     assert_within(y, ref, gemv_bound(ref, xa.abs() @ w_t.double().abs(), dtype), "B=17")
+    assert counts.tolist() == [int((x.float().abs() > thr).sum()), B * K]  # both launches
 
 
 @pytest.mark.parametrize("device", devices())

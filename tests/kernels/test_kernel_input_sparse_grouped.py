@@ -46,10 +46,12 @@ def test_grouped_matches_per_weight_reference(device, case, sparsity, batch, dty
     x = torch.randn(batch, K, device=device).to(dtype)
     w_ts = [weight(K, n, dtype, device) for n in widths]
     thrs = _thresholds(x, len(widths), sparsity)
+    counts = [torch.zeros(2, dtype=torch.int64, device=device) for _ in widths]
     y = grouped_triton_impl(x, w_ts, thrs, config=cfg,
-                             out=nan_like((batch, sum(widths)), dtype, device))
+                             out=nan_like((batch, sum(widths)), dtype, device), counts=counts)
     col = 0
     for g, (w_t, t) in enumerate(zip(w_ts, thrs)):
+        assert counts[g].tolist() == [int((x.float().abs() > t).sum()), batch * K], f"group {g}"
         xa = torch.where(x.float().abs() > t, x.double(), 0.0)
         ref = xa @ w_t.double()
         part = y[:, col:col + w_t.shape[1]]
@@ -73,6 +75,10 @@ def test_grouped_reference_and_errors():
         tk.input_sparse_gemv_grouped(x, [w_ts[0], torch.randn(62, 7)], thrs)
     with pytest.raises(ValueError, match="dtype"):
         tk.input_sparse_gemv_grouped(x, [w_ts[0], w_ts[1].half()], thrs)
+    with pytest.raises(ValueError, match="one counts tensor per weight"):
+        tk.input_sparse_gemv_grouped(x, w_ts, thrs, [torch.zeros(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="int64"):
+        tk.input_sparse_gemv_grouped(x, w_ts, thrs, [torch.zeros(2), torch.zeros(2)])
 
 
 def test_grouped_op_fake_and_compile():
@@ -80,8 +86,15 @@ def test_grouped_op_fake_and_compile():
     x = torch.randn(3, 31)
     w_ts = [torch.randn(31, 9), torch.randn(31, 4)]
     thrs = [torch.tensor(0.3), torch.tensor(0.6)]
+    counts = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
     torch.library.opcheck(torch.ops.sparseffn.input_sparse_gemv_grouped.default,
                           (x, w_ts, thrs))
-    f = torch.compile(lambda a: tk.input_sparse_gemv_grouped(a, w_ts, thrs), fullgraph=True,
-                      backend="aot_eager")
-    torch.testing.assert_close(f(x), tk.input_sparse_gemv_grouped(x, w_ts, thrs))
+    torch.library.opcheck(torch.ops.sparseffn.input_sparse_gemv_grouped.default,
+                          (x, w_ts, thrs, counts))
+    f = torch.compile(lambda a, c: tk.input_sparse_gemv_grouped(a, w_ts, thrs, c),
+                      fullgraph=True, backend="aot_eager")
+    for c in counts:
+        c.zero_()
+    torch.testing.assert_close(f(x, counts), tk.input_sparse_gemv_grouped(x, w_ts, thrs))
+    # The compiled call's counts land in the caller's tensors (the op mutates them).
+    assert [c.tolist() for c in counts] == [[int((x.abs() > t).sum()), 3 * 31] for t in thrs]

@@ -23,7 +23,9 @@ def small_args(dtype=torch.float16, device="cpu", B=3, H=63, I=97):
     w2 = (torch.randn(I, H, device=device) / H**0.5).to(dtype)
     mask = torch.rand(B, I, device=device) < 0.4
     return {
-        "input_sparse_gemv": ((x, w_t), {"threshold": torch.tensor(0.6, device=device)}),
+        "input_sparse_gemv": ((x, w_t), {"threshold": torch.tensor(0.6, device=device),
+                                         "counts": torch.zeros(2, dtype=torch.int64,
+                                                               device=device)}),
         "output_sparse_gemv": ((x, w, mask), {}),
         "sparse_gated_mlp": ((x, w, w2, w_t.t().contiguous()),
                              {"threshold": torch.full((B, 1), 0.1, device=device)}),

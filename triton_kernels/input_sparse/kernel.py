@@ -61,11 +61,13 @@ def _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, ok, stride_xb, stride_xk
 @triton.jit
 def _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb, stride_xk,
                  stride_tb, stride_tk, stride_mb, stride_mk, MODE: tl.constexpr):
-    """int32 [R]: 1 where any sequence needs row offs_k [R] (rows >= K: 0)."""
+    """(int32 [R]: 1 where any sequence needs row offs_k [R] (rows >= K: 0), the number of
+    active (sequence, row) entries among them)."""
     _, on = _activity(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b,
                       (offs_k < K)[:, None] & b_ok[None, :], stride_xb, stride_xk, stride_tb,
                       stride_tk, stride_mb, stride_mk, MODE)
-    return (tl.max(on.to(tl.int32), axis=1) > 0).to(tl.int32)
+    on = on.to(tl.int32)
+    return (tl.max(on, axis=1) > 0).to(tl.int32), tl.sum(tl.sum(on, axis=1), axis=0)
 
 
 @triton.jit
@@ -94,8 +96,8 @@ def _input_sparse_kernel(
     stride_ob,
     w2_ptr, thr2_ptr, N2, stride_wk2, stride_tb2, stride_tk2,
     w3_ptr, thr3_ptr, N3, stride_wk3, stride_tb3, stride_tk3,
-    NB1, NB2,
-    MODE: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+    NB1, NB2, cnt_ptr, cnt2_ptr, cnt3_ptr,
+    MODE: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr, FMA: tl.constexpr,
 ):
@@ -121,13 +123,25 @@ def _input_sparse_kernel(
     base = (pid_s * tl.num_programs(0) + pid_n) * SPAN
     r = tl.arange(0, ROWS)
     count = 0
+    entries = 0
     for c0 in range(0, SPAN, CHUNK):
         offs_k = pid_s * SPAN + c0 + tl.arange(0, CHUNK)
-        row_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K, stride_xb,
-                              stride_xk, stride_tb, stride_tk, stride_mb, stride_mk, MODE)
+        row_on, n_on = _rows_needed(x_ptr, thr_ptr, mask_ptr, offs_k, offs_b, b_ok, K,
+                                    stride_xb, stride_xk, stride_tb, stride_tk, stride_mb,
+                                    stride_mk, MODE)
         tl.store(idx_ptr + base + count + tl.cumsum(row_on, axis=0) - 1, offs_k,
                  mask=row_on != 0)
         count += tl.sum(row_on, axis=0)
+        entries += n_on
+    if COUNT:
+        # The site's measured-sparsity counts ([active, total] int64), added by the first
+        # column block of each K range only: counting here costs two atomics per K range,
+        # where a separate count on the host side costs a reduction kernel per call.
+        if pid_n == first:
+            cnt = _group_select(pid_n, NB1, NB2, cnt_ptr, cnt2_ptr, cnt3_ptr, GROUPS)
+            rows = tl.minimum(K - pid_s * SPAN, SPAN)
+            tl.atomic_add(cnt, entries.to(tl.int64), sem="relaxed")
+            tl.atomic_add(cnt + 1, (rows * B).to(tl.int64), sem="relaxed")
     tl.debug_barrier()  # the stores above are read back by other threads of this program
     # .cg: read the indices from L2, where this program's stores went, never from a stale
     # L1 line.
@@ -192,7 +206,8 @@ FINISH_BLOCK = 1024
 
 def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tensor], mode: int,
                         thr: torch.Tensor | Sequence[torch.Tensor] | None,
-                        mask: torch.Tensor | None, out: torch.Tensor, cfg: LaunchConfig) -> None:
+                        mask: torch.Tensor | None, out: torch.Tensor, cfg: LaunchConfig,
+                        counts: Sequence[torch.Tensor] | None = None) -> None:
     """Write y for a chunk of at most MAX_BATCH_PER_LAUNCH sequences into ``out`` [B, N].
 
     x [B, K] any strides; w_t [K, N] unit stride along N; thr fp32 / mask bool, both [B, K]
@@ -201,6 +216,9 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     Grouped: ``w_t`` a sequence of up to MAX_GROUPS weights [K, N_g] sharing x, ``thr`` one
     threshold view per weight (or one shared ``mask``); out [B, sum N_g] holds their outputs
     side by side. One launch, so the fixed cost of a call is paid once for the group.
+
+    ``counts``: one int64 [2] tensor per weight on x's device, [active, total] (sequence, input)
+    entries, incremented in place (the sites' measured-sparsity counters).
     """
     w_ts = [w_t] if isinstance(w_t, torch.Tensor) else list(w_t)
     thrs = [thr] * len(w_ts) if thr is None or isinstance(thr, torch.Tensor) else list(thr)
@@ -231,6 +249,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
     mask_t = mask.view(torch.uint8) if mask is not None else x
     pad = MAX_GROUPS - groups
     w_ts, thr_ts, widths = w_ts + [w_ts[0]] * pad, thr_ts + [thr_ts[0]] * pad, widths + [0] * pad
+    cnts = list(counts) + [counts[0]] * pad if counts else [x] * MAX_GROUPS
     extra = []
     for g in (1, 2):
         extra += [w_ts[g], thr_ts[g], widths[g], w_ts[g].stride(0), thr_ts[g].stride(0),
@@ -242,8 +261,8 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             x.stride(0), x.stride(1), w_ts[0].stride(0), thr_ts[0].stride(0),
             thr_ts[0].stride(1), mask_t.stride(0), mask_t.stride(1),
             target.stride(0),
-            *extra, blocks[0], sum(blocks[:2]),
-            MODE=mode, BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
+            *extra, blocks[0], sum(blocks[:2]), *cnts,
+            MODE=mode, COUNT=bool(counts), BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
             PREFETCH=cfg.prefetch, FMA=cfg.fma, num_warps=cfg.num_warps,

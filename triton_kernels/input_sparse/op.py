@@ -20,20 +20,23 @@ import torch
 from .. import common as C
 from ..tuning import LaunchConfig, tuned_config
 from .reference import (input_sparse_gemv_grouped_ref, input_sparse_gemv_ref, validate,
-                        validate_grouped)
+                        validate_counts, validate_grouped)
 
 
 @C.on_input_device
 def triton_impl(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None,
                 config: Optional[LaunchConfig] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None,
+                counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
     ``config`` forces a launch config (tests); by default it is tuned once per shape. ``out``
-    ([B, N] contiguous, x's dtype) receives y, e.g. a NaN-filled buffer in tests.
+    ([B, N] contiguous, x's dtype) receives y, e.g. a NaN-filled buffer in tests. ``counts``
+    (int64 [2]) += [active entries, B * K], counted by the kernel.
     """
     B, K, N = validate(x, w_t, threshold, mask)
+    validate_counts(None if counts is None else [counts], 1, x.device)
     C.require_kernels(x.device)
     from .kernel import MODE_MASK, MODE_THRESHOLD
 
@@ -42,13 +45,14 @@ def triton_impl(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Te
     else:
         mode, thrs, m = MODE_MASK, None, C.expand_mask(mask, B, K, x.device, "")
     y = C.output_buffer(out, (B, N), x.dtype, x.device)
-    _launch_chunks(x, [w_t], mode, thrs, m, y, config)
+    _launch_chunks(x, [w_t], mode, thrs, m, y, config, None if counts is None else [counts])
     return y
 
 
 def _launch_chunks(x: torch.Tensor, w_ts: list[torch.Tensor], mode: int,
                    thrs: Optional[list[torch.Tensor]], mask: Optional[torch.Tensor],
-                   y: torch.Tensor, config: Optional[LaunchConfig]) -> None:
+                   y: torch.Tensor, config: Optional[LaunchConfig],
+                   counts: Optional[list[torch.Tensor]] = None) -> None:
     """One launch per MAX_BATCH_PER_LAUNCH sequences (thresholds / mask already [B, K] views)."""
     from .kernel import launch_input_sparse
 
@@ -57,7 +61,7 @@ def _launch_chunks(x: torch.Tensor, w_ts: list[torch.Tensor], mode: int,
         sl = slice(b0, min(x.shape[0], b0 + step))
         cfg = config or pick_config(w_ts, sl.stop - sl.start)
         launch_input_sparse(x[sl], w_ts, mode, None if thrs is None else [t[sl] for t in thrs],
-                            None if mask is None else mask[sl], y[sl], cfg)
+                            None if mask is None else mask[sl], y[sl], cfg, counts)
 
 
 def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> LaunchConfig:
@@ -82,24 +86,27 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> Launc
     return tuned_config(key, cands, make_bench, dev)
 
 
-@torch.library.custom_op("sparseffn::input_sparse_gemv", mutates_args=())
+@torch.library.custom_op("sparseffn::input_sparse_gemv", mutates_args=("counts",))
 def input_sparse_gemv(x: torch.Tensor, w_t: torch.Tensor,
                       threshold: Optional[torch.Tensor] = None,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      mask: Optional[torch.Tensor] = None,
+                      counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [B, N] = sum over active k of x[b, k] * w_t[k, :] (see module docstring).
 
     Give exactly one of ``threshold`` (float32, broadcastable to [B, K]; active = |x| > threshold)
-    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors (and CPU tensors under
-    TRITON_INTERPRET=1) run the Triton kernel, others the reference.
+    and ``mask`` (bool, broadcastable to [B, K]). ``counts`` (int64 [2] on x's device, a
+    site's measured-sparsity counter) += [active entries, B * K]. CUDA tensors (and CPU tensors
+    under TRITON_INTERPRET=1) run the Triton kernel, others the reference.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
-        return triton_impl(x, w_t, threshold, mask)
-    return input_sparse_gemv_ref(x, w_t, threshold, mask)
+        return triton_impl(x, w_t, threshold, mask, counts=counts)
+    return input_sparse_gemv_ref(x, w_t, threshold, mask, counts)
 
 
 @input_sparse_gemv.register_fake
 def _(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
-      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+      mask: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None
+      ) -> torch.Tensor:
     B, _, N = validate(x, w_t, threshold, mask)
     return x.new_empty((B, N))
 
@@ -108,31 +115,39 @@ def _(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = No
 def grouped_triton_impl(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
                         thresholds: Sequence[torch.Tensor],
                         config: Optional[LaunchConfig] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        out: Optional[torch.Tensor] = None,
+                        counts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """The grouped op's Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     B, K, widths = validate_grouped(x, w_ts, thresholds)
+    validate_counts(counts, len(w_ts), x.device)
     C.require_kernels(x.device)
     from .kernel import MODE_THRESHOLD
 
     thrs = [C.expand_threshold(t, B, K, x.device, "") for t in thresholds]
     y = C.output_buffer(out, (B, sum(widths)), x.dtype, x.device)
-    _launch_chunks(x, list(w_ts), MODE_THRESHOLD, thrs, None, y, config)
+    _launch_chunks(x, list(w_ts), MODE_THRESHOLD, thrs, None, y, config,
+                   None if counts is None else list(counts))
     return y
 
 
-@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped", mutates_args=())
+# The schema is written out: an optional list of mutated tensors is not inferred from hints.
+@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped", mutates_args=("counts",),
+                         schema="(Tensor x, Tensor[] w_ts, Tensor[] thresholds, "
+                                "Tensor(a!)[]? counts=None) -> Tensor")
 def input_sparse_gemv_grouped(x: torch.Tensor, w_ts: list[torch.Tensor],
-                              thresholds: list[torch.Tensor]) -> torch.Tensor:
-    """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g])`` for every g, side by side,
-    in one launch (see module docstring). Up to three weights, all [K, N_g] of x's dtype.
+                              thresholds: list[torch.Tensor],
+                              counts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g], counts=counts[g])`` for
+    every g, side by side, in one launch (see module docstring). Up to three weights, all
+    [K, N_g] of x's dtype; ``counts`` None or one int64 [2] counter per weight.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
-        return grouped_triton_impl(x, w_ts, thresholds)
-    return input_sparse_gemv_grouped_ref(x, w_ts, thresholds)
+        return grouped_triton_impl(x, w_ts, thresholds, counts=counts)
+    return input_sparse_gemv_grouped_ref(x, w_ts, thresholds, counts)
 
 
 @input_sparse_gemv_grouped.register_fake
-def _(x: torch.Tensor, w_ts: list[torch.Tensor],
-      thresholds: list[torch.Tensor]) -> torch.Tensor:
+def _(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: list[torch.Tensor],
+      counts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     B, _, widths = validate_grouped(x, w_ts, thresholds)
     return x.new_empty((B, sum(widths)))

@@ -59,6 +59,28 @@ def validate_grouped(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
     return B, K, widths
 
 
+def validate_counts(counts: Optional[Sequence[torch.Tensor]], groups: int,
+                    device: torch.device) -> None:
+    """None, or one int64 [2] tensor per weight on ``device`` (else a ValueError)."""
+    if counts is None:
+        return
+    if len(counts) != groups:
+        raise ValueError(f"one counts tensor per weight: {groups} weights, {len(counts)} counts")
+    for c in counts:
+        if c.dtype != torch.int64 or c.shape != (2,) or c.device != device \
+                or not c.is_contiguous():
+            raise ValueError(f"counts must be contiguous int64 [2] tensors on {device} "
+                             f"([active, total], a site's SiteCounter.counts); got {c.dtype} "
+                             f"{list(c.shape)} on {c.device}")
+
+
+def add_counts(counts: Optional[torch.Tensor], active: torch.Tensor) -> None:
+    """counts [2] int64 += [active entries, all entries] of the bool ``active``."""
+    if counts is not None:
+        counts[0] += active.sum()
+        counts[1] += active.numel()
+
+
 def _active(x: torch.Tensor, threshold: Optional[torch.Tensor],
             mask: Optional[torch.Tensor]) -> torch.Tensor:
     if threshold is not None:
@@ -68,18 +90,28 @@ def _active(x: torch.Tensor, threshold: Optional[torch.Tensor],
 
 def input_sparse_gemv_ref(x: torch.Tensor, w_t: torch.Tensor,
                           threshold: Optional[torch.Tensor] = None,
-                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          mask: Optional[torch.Tensor] = None,
+                          counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain-PyTorch reference (and the CPU implementation): fp32 math, output in x's dtype.
 
-    x [B, K], w_t [K, N] -> y [B, N].
+    x [B, K], w_t [K, N] -> y [B, N]; ``counts`` (int64 [2]) += [active entries, B * K].
     """
     validate(x, w_t, threshold, mask)
-    xa = torch.where(_active(x, threshold, mask), x.float(), 0.0)
+    validate_counts(None if counts is None else [counts], 1, x.device)
+    active = _active(x, threshold, mask)
+    add_counts(counts, active)
+    xa = torch.where(active, x.float(), 0.0)
     return (xa @ w_t.float()).to(x.dtype)
 
 
 def input_sparse_gemv_grouped_ref(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
-                                  thresholds: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Reference of the grouped op: x [B, K], w_ts [K, N_g] -> [B, sum N_g]."""
+                                  thresholds: Sequence[torch.Tensor],
+                                  counts: Optional[Sequence[torch.Tensor]] = None
+                                  ) -> torch.Tensor:
+    """Reference of the grouped op: x [B, K], w_ts [K, N_g] -> [B, sum N_g]; ``counts``: one
+    int64 [2] per weight, as in ``input_sparse_gemv_ref``."""
     validate_grouped(x, w_ts, thresholds)
-    return torch.cat([input_sparse_gemv_ref(x, w, t) for w, t in zip(w_ts, thresholds)], 1)
+    validate_counts(counts, len(w_ts), x.device)
+    cs = list(counts) if counts is not None else [None] * len(w_ts)
+    return torch.cat([input_sparse_gemv_ref(x, w, t, counts=c)
+                      for w, t, c in zip(w_ts, thresholds, cs)], 1)
