@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m pytest tests bench "$@"
+# Two workers (pytest-xdist), one torch thread each (tests/conftest.py): the Triton
+# interpreter runs on one core, so two workers halve the kernel tests; the real-model tests
+# keep both cores as before.
+exec "${PYTHON:-python3}" -m pytest -n 2 tests bench "$@"

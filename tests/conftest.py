@@ -10,6 +10,11 @@ import torch
 # anything imports triton_kernels (the core may), hence here, first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist each worker takes one torch thread: two workers on two cores, instead of
+# four threads fighting over them. (Tests of the CPU ops' threaded path set their own count.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 from transformers import AutoTokenizer
 
 from sparseffn.models import builtin_model_path

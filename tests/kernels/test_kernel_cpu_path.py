@@ -16,6 +16,16 @@ DTYPES = {"fp32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 2e-2),
 SHAPES = [(63, 431), (1023, 96), (576, 1536), (5, 3)]
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The ops split rows between torch's threads: test that split even where the test run
+    gives each worker one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def GEMV_CASES(test):  # noqa: N802 - used as a decorator
     """Every dtype, shape, sparsity and batch of the GEMV tests."""
     for mark in (pytest.mark.parametrize("batch", [1, 5]),
