@@ -54,9 +54,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if cpu:
         y = tk.input_sparse_gemv_cpu(x, weight.t(), threshold=threshold, mask=mask,
                                      counts=_counts(counter))
+    elif counter is not None:
+        y = torch.ops.sparseffn.input_sparse_gemv_counted(x, weight.t(), counter.counts,
+                                                          threshold=threshold, mask=mask)
     else:
         y = torch.ops.sparseffn.input_sparse_gemv(x, weight.t(), threshold=threshold,
-                                                  mask=mask, counts=_counts(counter))
+                                                  mask=mask)
     return y if bias is None else y + bias
 
 
@@ -71,14 +74,15 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
         y = tk.input_sparse_gemv_grouped_cpu(x, [w.t() for w in weights], list(thresholds),
                                              counts=[_counts(c) for c in counters])
     else:
-        counts = [_counts(c) for c in counters]
-        if not all(c is not None for c in counts):  # some sites tracked, others not
-            for c, t in zip(counters, thresholds):
+        w_ts = [w.t() for w in weights]
+        if all(c is not None for c in counters):
+            y = torch.ops.sparseffn.input_sparse_gemv_grouped_counted(
+                x, w_ts, list(thresholds), [c.counts for c in counters])
+        else:
+            for c, t in zip(counters, thresholds):  # some sites tracked, others not
                 if c is not None:
                     c.count(above(x.abs(), t))
-        y = torch.ops.sparseffn.input_sparse_gemv_grouped(
-            x, [w.t() for w in weights], list(thresholds),
-            counts if all(c is not None for c in counts) else None)
+            y = torch.ops.sparseffn.input_sparse_gemv_grouped(x, w_ts, list(thresholds))
     outs = y.split([w.shape[0] for w in weights], dim=-1)
     return [o if b is None else o + b for o, b in zip(outs, biases)]
 
@@ -107,8 +111,7 @@ def down_nonzero(h: torch.Tensor, w_down: torch.Tensor, zero: torch.Tensor,
                  counter=None) -> torch.Tensor:
     """h [B, I] @ w_down.T reading only the rows of neurons with h != 0 (``zero`` = 0.0);
     ``counter`` counts those neurons (|h| > 0)."""
-    return torch.ops.sparseffn.input_sparse_gemv(h, w_down.t(), threshold=zero,
-                                                 counts=_counts(counter))
+    return linear(h, w_down, None, zero, counter=counter)
 
 
 def gated_masked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -131,7 +134,7 @@ def up_masked(x: torch.Tensor, w_up: torch.Tensor, mask: torch.Tensor,
 
 
 def down_masked(h: torch.Tensor, w_down: torch.Tensor, mask: torch.Tensor,
-                cpu: bool = False) -> torch.Tensor:
-    """h [B, I] @ w_down.T reading only the rows in ``mask``."""
-    down = tk.input_sparse_gemv_cpu if cpu else torch.ops.sparseffn.input_sparse_gemv
-    return down(h, w_down.t(), mask=mask)
+                cpu: bool = False, counter=None) -> torch.Tensor:
+    """h [B, I] @ w_down.T reading only the rows in ``mask`` ([B or 1, I]); ``counter``
+    counts the mask's entries over the batch."""
+    return linear(h, w_down, None, None, cpu, counter, mask)

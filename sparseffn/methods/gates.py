@@ -46,10 +46,10 @@ class ActThresholdGate(NeuronGate):
             # up and down rows of the set's active neurons only.
             act = mlp.act_fn()(F.linear(x, w_gate))
             mask = mlp.site_mask(ACT_SITE, act.abs())
-            mlp.count(ACT_SITE, mask.expand_as(act))
             cpu = mlp._cpu_path
             h = torch.where(mask, act * decode.up_masked(x, w_up, mask, cpu), 0)
-            return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu)
+            return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu,
+                                      mlp.counter(ACT_SITE))
         return decode.gated_threshold(x, w_gate, w_up, mlp.base.down_proj.weight, self.value,
                                       mlp.kernel_act, mlp.zero, mlp._cpu_path,
                                       mlp.counter(ACT_SITE))

@@ -29,10 +29,10 @@ class TopKGate(FractionGate):
         w_gate, w_up = mlp.gate_up_weights()
         act = mlp.act_fn()(F.linear(x, w_gate))
         mask = self.mask(x, act)
-        mlp.count(ACT_SITE, mask)
         cpu = mlp._cpu_path
         h = torch.where(mask, act * decode.up_masked(x, w_up, mask, cpu), 0)
-        return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu)
+        return decode.down_masked(h, mlp.base.down_proj.weight, mask, cpu,
+                                  mlp.counter(ACT_SITE))
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, k={self.k}"

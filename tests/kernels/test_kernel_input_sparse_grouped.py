@@ -76,9 +76,9 @@ def test_grouped_reference_and_errors():
     with pytest.raises(ValueError, match="dtype"):
         tk.input_sparse_gemv_grouped(x, [w_ts[0], w_ts[1].half()], thrs)
     with pytest.raises(ValueError, match="one counts tensor per weight"):
-        tk.input_sparse_gemv_grouped(x, w_ts, thrs, [torch.zeros(2, dtype=torch.int64)])
+        tk.input_sparse_gemv_grouped_counted(x, w_ts, thrs, [torch.zeros(2, dtype=torch.int64)])
     with pytest.raises(ValueError, match="int64"):
-        tk.input_sparse_gemv_grouped(x, w_ts, thrs, [torch.zeros(2), torch.zeros(2)])
+        tk.input_sparse_gemv_grouped_counted(x, w_ts, thrs, [torch.zeros(2), torch.zeros(2)])
 
 
 def test_grouped_op_fake_and_compile():
@@ -89,10 +89,10 @@ def test_grouped_op_fake_and_compile():
     counts = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
     torch.library.opcheck(torch.ops.sparseffn.input_sparse_gemv_grouped.default,
                           (x, w_ts, thrs))
-    torch.library.opcheck(torch.ops.sparseffn.input_sparse_gemv_grouped.default,
+    torch.library.opcheck(torch.ops.sparseffn.input_sparse_gemv_grouped_counted.default,
                           (x, w_ts, thrs, counts))
-    f = torch.compile(lambda a, c: tk.input_sparse_gemv_grouped(a, w_ts, thrs, c),
-                      fullgraph=True, backend="aot_eager")
+    f = torch.compile(lambda a, c: tk.input_sparse_gemv_grouped_counted(a, w_ts, thrs, c),
+                      fullgraph=True, backend="inductor")
     for c in counts:
         c.zero_()
     torch.testing.assert_close(f(x, counts), tk.input_sparse_gemv_grouped(x, w_ts, thrs))

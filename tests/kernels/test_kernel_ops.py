@@ -9,6 +9,7 @@ import triton_kernels as tk
 
 OPS = {
     "input_sparse_gemv": torch.ops.sparseffn.input_sparse_gemv.default,
+    "input_sparse_gemv_counted": torch.ops.sparseffn.input_sparse_gemv_counted.default,
     "output_sparse_gemv": torch.ops.sparseffn.output_sparse_gemv.default,
     "sparse_gated_mlp": torch.ops.sparseffn.sparse_gated_mlp.default,
     "sparse_gate_up": torch.ops.sparseffn.sparse_gate_up.default,
@@ -23,9 +24,9 @@ def small_args(dtype=torch.float16, device="cpu", B=3, H=63, I=97):
     w2 = (torch.randn(I, H, device=device) / H**0.5).to(dtype)
     mask = torch.rand(B, I, device=device) < 0.4
     return {
-        "input_sparse_gemv": ((x, w_t), {"threshold": torch.tensor(0.6, device=device),
-                                         "counts": torch.zeros(2, dtype=torch.int64,
-                                                               device=device)}),
+        "input_sparse_gemv": ((x, w_t), {"threshold": torch.tensor(0.6, device=device)}),
+        "input_sparse_gemv_counted": ((x, w_t, torch.zeros(2, dtype=torch.int64, device=device)),
+                                      {"threshold": torch.tensor(0.6, device=device)}),
         "output_sparse_gemv": ((x, w, mask), {}),
         "sparse_gated_mlp": ((x, w, w2, w_t.t().contiguous()),
                              {"threshold": torch.full((B, 1), 0.1, device=device)}),
@@ -48,7 +49,8 @@ def test_fake_impl_shape_and_dtype(name, dtype):
         fargs = [mode.from_tensor(a) for a in args]
         fkw = {k: mode.from_tensor(v) for k, v in kwargs.items()}
         out = OPS[name](*fargs, **fkw)
-    expected = {"input_sparse_gemv": (3, 97), "output_sparse_gemv": (3, 97),
+    expected = {"input_sparse_gemv": (3, 97), "input_sparse_gemv_counted": (3, 97),
+                "output_sparse_gemv": (3, 97),
                 "sparse_gated_mlp": (3, 63), "sparse_gate_up": (3, 97)}[name]
     assert tuple(out.shape) == expected and out.dtype == dtype
 
@@ -67,6 +69,8 @@ def test_cpu_ops_are_the_references_or_the_interpreted_kernels():
                     "sparse_gated_mlp": gated_mlp.triton_impl,
                     "sparse_gate_up": gated_mlp.gate_up_triton_impl}
     for name, (args, kwargs) in small_args().items():
+        if name.endswith("_counted"):  # the counting form: test_compile_fullgraph_cpu
+            continue
         ref = getattr(tk, f"{name}_ref")(*args, **kwargs)
         got = getattr(tk, name)(*args, **kwargs)
         if tk.kernels_available("cpu"):
@@ -79,8 +83,8 @@ def test_cpu_ops_are_the_references_or_the_interpreted_kernels():
             assert torch.equal(got, ref), name
 
 
-def _all_ops(x, w_t, w, w2, w_down_t, mask, thr):
-    a = tk.input_sparse_gemv(x * 2, w_t, threshold=thr)
+def _all_ops(x, w_t, w, w2, w_down_t, mask, thr, counts):
+    a = tk.input_sparse_gemv_counted(x * 2, w_t, counts, threshold=thr)
     b = tk.output_sparse_gemv(x, w, mask)
     c = tk.sparse_gated_mlp(x, w, w2, w_down_t, threshold=thr)
     d = tk.sparse_gated_mlp(x, w, w2, w_down_t, mask=mask, activation="gelu_tanh")
@@ -92,9 +96,12 @@ def test_compile_fullgraph_cpu(backend):
     (x, w_t), _ = small_args(torch.float32)["input_sparse_gemv"]
     (_, w, mask), _ = small_args(torch.float32)["output_sparse_gemv"]
     w2 = torch.randn_like(w)
-    args = (x, w_t, w, w2, w_t.t().contiguous(), mask, torch.tensor(0.05))
+    counts = torch.zeros(2, dtype=torch.int64)
+    args = (x, w_t, w, w2, w_t.t().contiguous(), mask, torch.tensor(0.05), counts)
     compiled = torch.compile(_all_ops, fullgraph=True, backend=backend)
     torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-5)
+    # The compiled call added to the caller's counts as the eager one did.
+    assert counts.tolist() == [2 * int(((x * 2).abs() > 0.05).sum()), 2 * x.numel()]
 
 
 _KEEP: list = []  # accumulators of the test below stay allocated: graphs may hold them

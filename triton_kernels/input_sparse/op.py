@@ -86,28 +86,47 @@ def pick_config(w_t: torch.Tensor | Sequence[torch.Tensor], batch: int) -> Launc
     return tuned_config(key, cands, make_bench, dev)
 
 
-@torch.library.custom_op("sparseffn::input_sparse_gemv", mutates_args=("counts",))
+@torch.library.custom_op("sparseffn::input_sparse_gemv", mutates_args=())
 def input_sparse_gemv(x: torch.Tensor, w_t: torch.Tensor,
                       threshold: Optional[torch.Tensor] = None,
-                      mask: Optional[torch.Tensor] = None,
-                      counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [B, N] = sum over active k of x[b, k] * w_t[k, :] (see module docstring).
 
     Give exactly one of ``threshold`` (float32, broadcastable to [B, K]; active = |x| > threshold)
-    and ``mask`` (bool, broadcastable to [B, K]). ``counts`` (int64 [2] on x's device, a
-    site's measured-sparsity counter) += [active entries, B * K]. CUDA tensors (and CPU tensors
-    under TRITON_INTERPRET=1) run the Triton kernel, others the reference.
+    and ``mask`` (bool, broadcastable to [B, K]). CUDA tensors (and CPU tensors under
+    TRITON_INTERPRET=1) run the Triton kernel, others the reference.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
-        return triton_impl(x, w_t, threshold, mask, counts=counts)
-    return input_sparse_gemv_ref(x, w_t, threshold, mask, counts)
+        return triton_impl(x, w_t, threshold, mask)
+    return input_sparse_gemv_ref(x, w_t, threshold, mask)
 
 
 @input_sparse_gemv.register_fake
 def _(x: torch.Tensor, w_t: torch.Tensor, threshold: Optional[torch.Tensor] = None,
-      mask: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None
-      ) -> torch.Tensor:
+      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, _, N = validate(x, w_t, threshold, mask)
+    return x.new_empty((B, N))
+
+
+# The counting forms are separate ops with a required ``counts``: inductor cannot lower a
+# mutated argument that may be None.
+@torch.library.custom_op("sparseffn::input_sparse_gemv_counted", mutates_args=("counts",))
+def input_sparse_gemv_counted(x: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor,
+                              threshold: Optional[torch.Tensor] = None,
+                              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``input_sparse_gemv`` that also adds [active (b, k) entries, B * K] to ``counts``
+    (int64 [2] on x's device, a site's measured-sparsity counter), in the kernel."""
+    if C.kernels_available(x.device):
+        return triton_impl(x, w_t, threshold, mask, counts=counts)
+    return input_sparse_gemv_ref(x, w_t, threshold, mask, counts)
+
+
+@input_sparse_gemv_counted.register_fake
+def _(x: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor,
+      threshold: Optional[torch.Tensor] = None,
+      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    B, _, N = validate(x, w_t, threshold, mask)
+    validate_counts([counts], 1, x.device)
     return x.new_empty((B, N))
 
 
@@ -130,24 +149,39 @@ def grouped_triton_impl(x: torch.Tensor, w_ts: Sequence[torch.Tensor],
     return y
 
 
-# The schema is written out: an optional list of mutated tensors is not inferred from hints.
-@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped", mutates_args=("counts",),
-                         schema="(Tensor x, Tensor[] w_ts, Tensor[] thresholds, "
-                                "Tensor(a!)[]? counts=None) -> Tensor")
+@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped", mutates_args=())
 def input_sparse_gemv_grouped(x: torch.Tensor, w_ts: list[torch.Tensor],
-                              thresholds: list[torch.Tensor],
-                              counts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-    """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g], counts=counts[g])`` for
-    every g, side by side, in one launch (see module docstring). Up to three weights, all
-    [K, N_g] of x's dtype; ``counts`` None or one int64 [2] counter per weight.
+                              thresholds: list[torch.Tensor]) -> torch.Tensor:
+    """[B, sum N_g]: ``input_sparse_gemv(x, w_ts[g], thresholds[g])`` for every g, side by side,
+    in one launch (see module docstring). Up to three weights, all [K, N_g] of x's dtype.
     """
     if C.kernels_available(x.device):  # CUDA, or CPU tensors under TRITON_INTERPRET=1
+        return grouped_triton_impl(x, w_ts, thresholds)
+    return input_sparse_gemv_grouped_ref(x, w_ts, thresholds)
+
+
+@input_sparse_gemv_grouped.register_fake
+def _(x: torch.Tensor, w_ts: list[torch.Tensor],
+      thresholds: list[torch.Tensor]) -> torch.Tensor:
+    B, _, widths = validate_grouped(x, w_ts, thresholds)
+    return x.new_empty((B, sum(widths)))
+
+
+@torch.library.custom_op("sparseffn::input_sparse_gemv_grouped_counted",
+                         mutates_args=("counts",))
+def input_sparse_gemv_grouped_counted(x: torch.Tensor, w_ts: list[torch.Tensor],
+                                      thresholds: list[torch.Tensor],
+                                      counts: list[torch.Tensor]) -> torch.Tensor:
+    """``input_sparse_gemv_grouped`` that also adds each weight's [active entries, B * K] to
+    its ``counts[g]`` (int64 [2]), in the kernel."""
+    if C.kernels_available(x.device):
         return grouped_triton_impl(x, w_ts, thresholds, counts=counts)
     return input_sparse_gemv_grouped_ref(x, w_ts, thresholds, counts)
 
 
-@input_sparse_gemv_grouped.register_fake
+@input_sparse_gemv_grouped_counted.register_fake
 def _(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: list[torch.Tensor],
-      counts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+      counts: list[torch.Tensor]) -> torch.Tensor:
     B, _, widths = validate_grouped(x, w_ts, thresholds)
+    validate_counts(counts, len(w_ts), x.device)
     return x.new_empty((B, sum(widths)))
