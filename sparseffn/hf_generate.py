@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparseffn.generation import generate as lean_generate
-from sparseffn.modules import start_sequences
+from sparseffn.modules import probe_batch, start_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +211,29 @@ def _generate(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     return lean_generate(model, **loop_args)
 
 
+def decode_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch transformers' loop decodes for this call: the prompts times the beams (beam
+    search) or the returned sequences (sampling); None where the prompts are not a 2-D tensor
+    of ids."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def option(name: str) -> int:
+        return int(kwargs.get(name) or getattr(config, name, None) or 1)
+    beams = option("num_beams")
+    return ids.shape[0] * (beams if beams > 1 else option("num_return_sequences"))
+
+
 def _class_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """transformers' own ``generate``, after telling the neuron gates new sequences begin."""
+    """transformers' own ``generate``, after telling the neuron gates new sequences begin and
+    letting the modules measure whether the kernels pay at the decode batch (CUDA, AUTO)."""
     mask = kwargs.get("attention_mask")
     start_sequences(model, mask if isinstance(mask, torch.Tensor) else None)
+    batch = decode_batch(model, args, kwargs)
+    if batch is not None:
+        probe_batch(model, batch)
     return type(model).generate(model, *args, **kwargs)
 
 

@@ -100,6 +100,21 @@ def test_a_batch_takes_the_kernels_only_where_they_measured_faster(monkeypatch):
     assert all(m._cuda_batches == () and not m._cuda_probed for m in modules)
 
 
+def test_transformers_loop_probes_its_decode_batch(monkeypatch):
+    """A call ``model.generate`` leaves to transformers' own loop (here: beam search) probes
+    the batch that loop decodes, prompts times beams, before decoding."""
+    from sparseffn.hf_generate import decode_batch
+
+    model = _patched()
+    modules = _as_cuda_auto(model)
+    calls = _fake_times(monkeypatch, lambda weights, batch: True)
+    model.generate(PROMPTS, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert {batch for *_, batch in calls} == {4}
+    assert all(m._cuda_batches == (4,) for m in modules)
+    assert decode_batch(model, (PROMPTS,), {"num_return_sequences": 3, "do_sample": True}) == 6
+    assert decode_batch(model, (), {"inputs_embeds": torch.zeros(2, 3, 4)}) is None
+
+
 def test_each_product_is_measured_once_per_batch_and_level(monkeypatch):
     """The layers share measurements (same shapes, sparsities rounded to 0.05); batch 1, a
     module off AUTO and a shared-set module are never probed."""
