@@ -9,9 +9,10 @@ tensors through the interpreter), which ``torch.compile`` and CUDA graphs captur
 input-major (``sparseffn.layout``), so ``weight.t()`` is contiguous.
 
 ``counter`` (a site's ``SiteCounter``, or None when not tracking) receives the active entries
-the op tested: the input-sparse ops increment its counts themselves (inside the kernel, at no
-extra launch: counting with torch ops there cost 16% of a decode step); the MLP's neurons are
-counted here.
+the op tested: the input-sparse ops (and so CATS/CHESS's down projection, which counts the
+neurons with h != 0) increment its counts themselves, inside the kernel at no extra launch
+(counting with a torch reduction per site and call cost about 16% of a decode step on an H100,
+docs/e2e.md); plans that build a neuron mask in torch (predictors, coreinfer) count it there.
 """
 from __future__ import annotations
 
