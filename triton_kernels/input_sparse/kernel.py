@@ -97,8 +97,8 @@ def _input_sparse_kernel(
     w2_ptr, thr2_ptr, N2, stride_wk2, stride_tb2, stride_tk2,
     w3_ptr, thr3_ptr, N3, stride_wk3, stride_tb3, stride_tk3,
     NB1, NB2, cnt_ptr, cnt2_ptr, cnt3_ptr,
-    MODE: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MODE: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr, SPAN: tl.constexpr,
+    CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ATOMIC: tl.constexpr, GROUPS: tl.constexpr, PREFETCH: tl.constexpr, FMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -135,8 +135,8 @@ def _input_sparse_kernel(
         entries += n_on
     if COUNT:
         # The site's measured-sparsity counts ([active, total] int64), added by the first
-        # column block of each K range only: counting here costs two atomics per K range,
-        # where a separate count on the host side costs a reduction kernel per call.
+        # column block of each K range only: two atomics per K range, where counting with
+        # torch ops costs a reduction kernel per call.
         if pid_n == first:
             cnt = _group_select(pid_n, NB1, NB2, cnt_ptr, cnt2_ptr, cnt3_ptr, GROUPS)
             rows = tl.minimum(K - pid_s * SPAN, SPAN)
@@ -262,7 +262,8 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             thr_ts[0].stride(1), mask_t.stride(0), mask_t.stride(1),
             target.stride(0),
             *extra, blocks[0], sum(blocks[:2]), *cnts,
-            MODE=mode, COUNT=bool(counts), BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128), ROWS=cfg.rows,
+            MODE=mode, COUNT=bool(counts), BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128),
+            ROWS=cfg.rows,
             BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
             PREFETCH=cfg.prefetch, FMA=cfg.fma, num_warps=cfg.num_warps,
