@@ -24,7 +24,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "rdata", "accelerate>=1.0", "lm-eval>=0.4.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "rdata", "accelerate>=1.0",
+                "lm-eval>=0.4.5"],
         # sparseffn.finetune: the Trainer needs accelerate (peft is a core dependency)
         "finetune": ["accelerate>=1.0"],
         # sparseffn eval --harness lm-eval (sparseffn.eval.harness)

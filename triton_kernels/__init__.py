@@ -9,7 +9,8 @@ op holds ``op.py`` (launcher and registration), ``kernel.py`` (Triton) and ``ref
 built once per machine; called directly, not through the custom ops, whose dispatcher costs
 more than a small CPU product).
 Importing this package registers every op: ``input_sparse_gemv``, ``input_sparse_gemv_grouped``
-(and their ``_counted`` forms, which also add to a site's sparsity counts), ``output_sparse_gemv``, ``sparse_gated_mlp`` and ``sparse_gate_up``. See docs/kernels.md for
+(and their ``_counted`` forms, which also add to a site's sparsity counts),
+``output_sparse_gemv``, ``sparse_gated_mlp`` and ``sparse_gate_up``. See docs/kernels.md for
 semantics, layouts and measured speed.
 """
 from .common import HAS_TRITON, INTERPRET, kernels_available

@@ -23,6 +23,7 @@ from sparseffn.decode import above
 from sparseffn.dispatch import (MAX_DECODE_BATCH, KernelMode, cpu_batch_limit, cpu_decode_path,
                                 kernels_on, takes_kernel_path, use_kernels)
 from sparseffn.sharing import shared_mask
+from triton_kernels.input_sparse.reference import add_counts
 
 log = logging.getLogger("sparseffn")
 
@@ -48,8 +49,7 @@ class SiteCounter(nn.Module):
         return self.counts[1]
 
     def count(self, mask: torch.Tensor) -> None:
-        self.counts[0] += mask.sum()
-        self.counts[1] += mask.numel()
+        add_counts(self.counts, mask)
 
     def reset(self) -> None:
         self.counts.zero_()
