@@ -11,11 +11,13 @@ or not, so dense and sparse are timed in the same harness.
 
 The compiled step and its cache are kept on the model per (batch, cache length, device,
 compile) and reused: a second call compiles nothing, and changing the sparsity level
-(thresholds are updated in place) does not recompile either.
+(thresholds are updated in place) does not recompile either. Each loop compiles its own static
+graph: see ``_own_code``.
 """
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,8 +58,27 @@ def _make_loop(model: nn.Module, batch: int, max_len: int, compile: bool) -> _Lo
         return out.logits[:, -1, :]
 
     if compile:
-        step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        step = torch.compile(_own_code(step, f"step_b{batch}_len{max_len}"), fullgraph=True,
+                             mode="reduce-overhead", dynamic=False)
     return _Loop(cache, step)
+
+
+def _own_code(fn: types.FunctionType, name: str) -> types.FunctionType:
+    """``fn`` over a copy of its code object, named ``name``.
+
+    Dynamo keeps its compiled graphs and its shape history per code object. Every loop's step
+    is the same function, so a second loop (another cache length, e.g. ``model.generate``'s
+    power-of-two cache after the lean loop's exact one) used to make dynamo mark the cache
+    length dynamic and compile a symbolic-shape graph, which then served every loop, the
+    first included (found on an H100 on 2026-12-07: the harness timed second in a process ran
+    slower). A code object per loop keeps each graph static and each loop's graphs apart
+    (so no loop counts towards another's recompile limit); ``dynamic=False`` says the same.
+    """
+    names = {"co_name": name}
+    if hasattr(fn.__code__, "co_qualname"):  # Python 3.11+
+        names["co_qualname"] = name
+    code = fn.__code__.replace(**names)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _loop(model: nn.Module, batch: int, max_len: int, compile: bool) -> _Loop:

@@ -91,3 +91,34 @@ def test_bad_arguments():
         sparseffn.generate(model, ids, 8, max_cache_len=6)
     with pytest.raises(sparseffn.SparseFFNError, match="temperature"):
         sparseffn.generate(model, ids, 3, do_sample=True, temperature=0)
+
+
+def test_each_cache_length_compiles_a_static_graph():
+    """Two loops (two cache lengths) each get a static graph: before, the second made dynamo
+    mark the cache length dynamic (automatic dynamic), and its slower symbolic graph then
+    served both loops."""
+    import logging
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (1, 6))
+    torch._dynamo.reset()
+    marked: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "as dynamic" in record.getMessage():
+                marked.append(record.getMessage())
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")  # dynamo marks there
+    handler, level = Catch(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        first = sparseffn.generate(model, ids, 4, eos_token_id=None, max_cache_len=16)
+        second = sparseffn.generate(model, ids, 4, eos_token_id=None, max_cache_len=32)
+        again = sparseffn.generate(model, ids, 4, eos_token_id=None, max_cache_len=16)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert torch.equal(first, second) and torch.equal(first, again)
+    assert not marked, marked
