@@ -122,11 +122,14 @@ def test_compile_reduce_overhead_cuda_graphs(monkeypatch):
     _KEEP.append(fresh)
     monkeypatch.setattr(accumulator, "_BUFFERS", fresh)
     compiled = torch.compile(_all_ops, fullgraph=True, mode="reduce-overhead")
+    counts, eager_counts = (torch.zeros(2, dtype=torch.int64, device="cuda") for _ in range(2))
     for i in range(4):  # warm-up, record, then replays
         x = torch.randn(1, H, device="cuda").to(dt)
         mask = torch.rand(1, I, device="cuda") < 0.3 + 0.2 * i
         args = (x, w_t, w, w2, w_down_t, mask, torch.tensor(0.3 * (i + 1), device="cuda"))
-        torch.testing.assert_close(compiled(*args), _all_ops(*args), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(compiled(*args, counts), _all_ops(*args, eager_counts),
+                                   rtol=1e-5, atol=1e-4)
+        assert counts.tolist() == eager_counts.tolist()  # the replays count too
     # The persistent split-K accumulators must lie outside every graph pool (pool id (0, 0)).
     segments = torch.cuda.memory_snapshot()
     for buf in accumulator._BUFFERS.values():
