@@ -190,8 +190,7 @@ def test_gpu_benchmarks_refuse_to_pretend_on_the_cpu(monkeypatch):
 
 def test_measuring_sparsity_leaves_counting_on():
     """The timed decode after ``measure_sparsity`` counts, as a user's sparsified model does
-    (timing with the counters off flattered every GPU figure by about 16% before the kernels
-    counted themselves)."""
+    (the benchmark used to time with the counters off, which is not what users run)."""
     from bench.e2e.run import measure_sparsity
     from sparseffn.patching import sparse_modules
 

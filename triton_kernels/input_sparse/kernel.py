@@ -263,8 +263,7 @@ def launch_input_sparse(x: torch.Tensor, w_t: torch.Tensor | Sequence[torch.Tens
             target.stride(0),
             *extra, blocks[0], sum(blocks[:2]), *cnts,
             MODE=mode, COUNT=bool(counts), BLOCK_B=block_b, SPAN=span, CHUNK=min(span, 128),
-            ROWS=cfg.rows,
-            BLOCK_N=cfg.cols,
+            ROWS=cfg.rows, BLOCK_N=cfg.cols,
             UPCAST_DOT=upcast_dot(x.dtype), ATOMIC=atomic, GROUPS=groups,
             PREFETCH=cfg.prefetch, FMA=cfg.fma, num_warps=cfg.num_warps,
         )
